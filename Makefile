@@ -1,0 +1,26 @@
+# Every target sets up (or refreshes) the virtual environment first, so a fresh clone needs only `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: env test lint demo bench
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+test: lint
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q
+
+demo: env
+	DS_ACCELERATOR=cpu $(PY) launch/demo.py
+
+bench: env
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py

@@ -1,0 +1,46 @@
+"""Turns the slots of a step plan into tensors: samples read by index, noise drawn from each slot's seed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.sampler import BANK, StepPlan
+
+
+@dataclass
+class MicroBatch:
+    x0: torch.Tensor  # clean samples in the model's space (latents or pixels)
+    noise: torch.Tensor
+    t: torch.Tensor
+    label: torch.Tensor  # the source's label; replace by the null condition where `null_condition`
+    null_condition: torch.Tensor
+    is_bank: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MicroBatch:
+        floats = {k: getattr(self, k).to(device, dtype) for k in ("x0", "noise")}
+        ints = {k: getattr(self, k).to(device) for k in ("t", "label", "null_condition", "is_bank")}
+        return MicroBatch(**floats, **ints)
+
+
+def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The slot's Gaussian noise: a function of its seed only, never of a rank's RNG stream."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def load_micro_batch(plan: StepPlan, slots: np.ndarray, sources: dict[int, Sequence[dict]]) -> MicroBatch:
+    """Reads the samples of `slots` from their sources (`{TARGET: dataset, BANK: dataset}`)."""
+    samples = [sources[plan.source[s]][plan.index[s]] for s in slots]
+    x0 = torch.from_numpy(np.stack([s["x"] for s in samples]).astype(np.float32))
+    noise = torch.stack([slot_noise(plan.noise_seed[s], x0.shape[1:]) for s in slots])
+    return MicroBatch(
+        x0=x0,
+        noise=noise,
+        t=torch.from_numpy(plan.t[slots]),
+        label=torch.tensor([int(s.get("label", 0)) for s in samples], dtype=torch.long),
+        null_condition=torch.from_numpy(plan.null_condition[slots]),
+        is_bank=torch.from_numpy(plan.source[slots] == BANK),
+    )

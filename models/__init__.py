@@ -1,0 +1,14 @@
+"""Model families. Each is one module behind the same small interface (see `models/dit.py`):
+`from_pretrained`, `denoiser`, `sample_shape`, `null_condition`, `betas`, `condition`, `predict`,
+`tunable_parameters`, `denoiser_from_state_dict`, `sample`, `export`. The trainer looks families up here.
+"""
+
+from __future__ import annotations
+
+
+def family_class(name: str) -> type:
+    if name == "dit":
+        from models.dit import DiTFamily
+
+        return DiTFamily
+    raise ValueError(f"unknown model family {name!r}; known: dit")

@@ -1,0 +1,169 @@
+"""The run configuration: a typed schema, YAML presets and `key=value` overrides (OmegaConf, struct mode).
+
+YAML files hold values only; every cross-field rule lives in `check_config`, with a message that says
+how to fix the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dit"
+    pretrained: str = "???"  # local diffusers folder, or an original DiT `.pt` state dict
+    vae: str | None = None  # local AutoencoderKL folder (for a `.pt` DiT, or to override the folder's own)
+    num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
+    num_classes: int = 0  # K target classes; 0 keeps the pre-trained label space
+    class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows
+
+
+@dataclass
+class DataConfig:
+    target: str = "???"  # shard directory of the target data
+    bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0
+    verify: str = "sha256"  # sha256 | size | none: how shards are checked against the manifest at start-up
+
+
+@dataclass
+class MethodConfig:
+    """Diff-Tuning's split of timesteps between the target data and the memory bank (METHOD.md)."""
+
+    bank_ratio: float = 0.5  # r: share of each global batch drawn from the bank
+    bank_count: str = "round"  # round: round(B*r) (paper) | floor: int(B*r) (released code)
+    bank_loss_weight: float = 1.0  # lambda
+    tau: float = 1.0  # psi(t) = (t/T)^tau; tau = 0 with bank_ratio = 0 is plain fine-tuning
+    timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau'
+    bank_tau: float = 1.0  # tau' of the mirrored bank distribution
+    label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 disables clipping
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    steps: int = 24000
+    seed: int = 0
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/dit"
+    log_every: int = 50
+    ckpt_every: int = 1000
+    sample_every: int = 0  # 0: no sample grids during training
+    sample_steps: int = 50  # DDIM steps of the sample grid
+    num_sample_images: int = 16
+    export: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (`dit_xl2_paper`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {path} not found; presets are: {presets}")
+    return path
+
+
+def load_config(config_path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Schema <- YAML file <- `key=value` overrides, then the cross-field checks."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        if config_path:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_preset(config_path)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except (ConfigKeyError, ValidationError) as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}. "
+            f"Valid keys are the fields of trainer/config.py (e.g. train.global_batch_size)."
+        ) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys {missing} must be set, e.g. `{missing[0]}=/path/to/...`")
+    config: Config = OmegaConf.to_object(cfg)
+    check_config(config)
+    return config
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {options}")
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-field rules that need no files and no world size."""
+    _choice(cfg.model.family, ("dit",), "model.family")
+    _choice(cfg.model.class_init, ("reuse", "fresh"), "model.class_init")
+    _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
+    _choice(cfg.method.bank_count, ("round", "floor"), "method.bank_count")
+    _choice(cfg.method.timestep_weights, ("complement", "mirrored"), "method.timestep_weights")
+    _choice(cfg.train.precision, ("fp32", "bf16"), "train.precision")
+    if not 0 <= cfg.train.zero_stage <= 3:
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if not 0.0 <= cfg.method.bank_ratio < 1.0:
+        raise ConfigError(f"method.bank_ratio={cfg.method.bank_ratio} must be in [0, 1)")
+    if cfg.method.bank_ratio > 0 and not cfg.data.bank:
+        raise ConfigError(
+            f"method.bank_ratio={cfg.method.bank_ratio} needs a memory bank: set data.bank=/path/to/bank "
+            "(made by launch/generate_bank.py), or method.bank_ratio=0 for plain fine-tuning"
+        )
+    if cfg.train.global_batch_size < 1 or cfg.train.micro_batch_size < 1:
+        raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
+    if not 0.0 <= cfg.method.label_dropout < 1.0:
+        raise ConfigError(f"method.label_dropout={cfg.method.label_dropout} must be in [0, 1)")
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Global batch = world size x micro-batch x accumulation; anything else is refused."""
+    per_step = world_size * cfg.train.micro_batch_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"ranks x train.micro_batch_size = {world_size} x {cfg.train.micro_batch_size} = {per_step}; "
+            "pick a micro-batch size (or number of ranks) whose product divides the global batch"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

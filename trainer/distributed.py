@@ -1,0 +1,60 @@
+"""The one place that knows about ranks: process-group set-up, reductions, and gathering ZeRO-3 weights."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+
+def init() -> tuple[int, int, torch.device]:
+    """Joins the process group set up by the launcher (deepspeed, torchrun) or starts a group of one."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accelerator.set_device(local_rank)
+        device = torch.device(accelerator.device_name(), local_rank)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on one (so all ranks take the same branch)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+@contextmanager
+def full_parameters(module: torch.nn.Module):
+    """Inside, every rank sees the full parameters, also under ZeRO-3 (a collective: call on all ranks)."""
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
