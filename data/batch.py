@@ -34,7 +34,11 @@ def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 def load_micro_batch(plan: StepPlan, slots: np.ndarray, sources: dict[int, Sequence[dict]]) -> MicroBatch:
     """Reads the samples of `slots` from their sources (`{TARGET: dataset, BANK: dataset}`)."""
     samples = [sources[plan.source[s]][plan.index[s]] for s in slots]
-    x0 = torch.from_numpy(np.stack([s["x"] for s in samples]).astype(np.float32))
+    views = [
+        sample["x_flip"] if flip and "x_flip" in sample else sample["x"]
+        for sample, flip in zip(samples, plan.flip[slots])
+    ]
+    x0 = torch.from_numpy(np.stack(views).astype(np.float32))
     noise = torch.stack([slot_noise(plan.noise_seed[s], x0.shape[1:]) for s in slots])
     return MicroBatch(
         x0=x0,

@@ -60,6 +60,7 @@ class StepPlan:
     t: np.ndarray  # diffusion timestep
     noise_seed: np.ndarray  # seeds the slot's Gaussian noise
     null_condition: np.ndarray  # bank slots always, target slots when their condition is dropped
+    flip: np.ndarray  # horizontal flip, used where the sample stores a flipped view (`x_flip`)
 
     @property
     def is_bank(self) -> np.ndarray:
@@ -131,6 +132,7 @@ class GlobalBatchPlanner:
         t = np.empty(self.global_batch_size, dtype=np.int64)
         noise_seed = np.empty(self.global_batch_size, dtype=np.int64)
         null_condition = source == BANK
+        flip = np.empty(self.global_batch_size, dtype=bool)
         for slot in range(self.global_batch_size):
             rng = np.random.default_rng([self.seed, _SLOT, step, slot])
             t[slot] = np.searchsorted(
@@ -138,8 +140,9 @@ class GlobalBatchPlanner:
             )
             noise_seed[slot] = rng.integers(2**63 - 1)
             null_condition[slot] |= rng.random() < self.label_dropout
+            flip[slot] = rng.random() < 0.5
         t = np.minimum(t, len(self._cdf[TARGET]) - 1)  # guards the float edge of the last bucket
-        return StepPlan(step, source, index, t, noise_seed, null_condition)
+        return StepPlan(step, source, index, t, noise_seed, null_condition, flip)
 
 
 def slot_ids(

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.common import run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+
+TRAIN_KEYS = ("model.pretrained", "data.target")
 from trainer.loop import train  # noqa: E402
 
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     return run_guarded(
-        lambda: train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
+        lambda: train(load_config(args.config, args.overrides, TRAIN_KEYS), resume=args.resume, overwrite=args.overwrite)
     )
 
 

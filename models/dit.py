@@ -119,14 +119,19 @@ class DiTFamily:
         *,
         num_steps: int = 50,
         guidance_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         decode: bool = True,
     ) -> torch.Tensor:
-        """DDIM samples for `labels` with classifier-free guidance; decoded to pixels in [-1, 1] if decode."""
+        """DDIM (eta 0, deterministic) samples for `labels` with classifier-free guidance, starting from
+        `noise` (or noise drawn from `generator`); decoded to pixels if there is a VAE and `decode`.
+        Pixel outputs are clamped to [-1, 1]; latents are returned as they are."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_steps)
         device = next(denoiser.parameters()).device
-        x = torch.randn((len(labels), *self.sample_shape), generator=generator).to(device)
+        if noise is None:
+            noise = torch.randn((len(labels), *self.sample_shape), generator=generator)
+        x = noise.to(device)
         labels = labels.to(device)
         null = torch.full_like(labels, self.null_condition)
         channels = self.sample_shape[0]
@@ -141,9 +146,14 @@ class DiTFamily:
                 cond, uncond = both[:, :channels].chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
-        if decode and self.vae is not None:
-            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
-        return x.clamp(-1, 1)
+        if self.vae is None:
+            return x.clamp(-1, 1)
+        return self.decode(x) if decode else x
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
     def export(
         self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None

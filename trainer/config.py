@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "dit"
-    pretrained: str = "???"  # local diffusers folder, or an original DiT `.pt` state dict
+    pretrained: str = ""  # local diffusers folder, or an original DiT `.pt` state dict
     vae: str | None = None  # local AutoencoderKL folder (for a `.pt` DiT, or to override the folder's own)
     num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
     num_classes: int = 0  # K target classes; 0 keeps the pre-trained label space
@@ -31,7 +31,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    target: str = "???"  # shard directory of the target data
+    target: str = ""  # shard directory of the target data
     bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0
     verify: str = "sha256"  # sha256 | size | none: how shards are checked against the manifest at start-up
 
@@ -71,6 +71,31 @@ class TrainConfig:
 
 
 @dataclass
+class BankConfig:
+    """The memory bank, sampled once by the pre-trained model into data.bank (launch/generate_bank.py)."""
+
+    num_samples: int = 5000  # the paper finds 5K generated samples already enough (Fig. 6d)
+    samples_per_shard: int = 1000
+    batch_size: int = 32
+    num_steps: int = 250  # DDIM steps (paper: DDIM-250)
+    guidance_scale: float = 1.5  # classifier-free guidance (paper: 1.5)
+    seed: int = 0
+    preview: int = 16  # decoded samples in a preview grid for a human; 0 for none
+
+
+@dataclass
+class PrepareConfig:
+    """Target images (one subfolder per class) into data.target shards (launch/prepare_data.py)."""
+
+    images: str = ""
+    resolution: int = 256  # centre-crop and resize, as DiT does
+    samples_per_shard: int = 1000
+    batch_size: int = 32
+    hflip: bool = True  # also store each image's flipped version, for flip augmentation
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/dit"
     log_every: int = 50
@@ -89,6 +114,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -103,8 +130,11 @@ def resolve_preset(name_or_path: str) -> Path:
     return path
 
 
-def load_config(config_path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Schema <- YAML file <- `key=value` overrides, then the cross-field checks."""
+def load_config(config_path: str | None = None, overrides: list[str] = (), required: tuple[str, ...] = ()) -> Config:
+    """Schema <- YAML file <- `key=value` overrides, then the cross-field checks.
+
+    `required` lists the keys this job needs set (e.g. training needs data.target, not prepare.images).
+    """
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     try:
@@ -114,12 +144,12 @@ def load_config(config_path: str | None = None, overrides: list[str] = ()) -> Co
     except (ConfigKeyError, ValidationError) as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
-            f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}. "
+            f"config key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}. "
             f"Valid keys are the fields of trainer/config.py (e.g. train.global_batch_size)."
         ) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = [key for key in required if not OmegaConf.select(cfg, key)]
     if missing:
-        raise ConfigError(f"config keys {missing} must be set, e.g. `{missing[0]}=/path/to/...`")
+        raise ConfigError(f"config keys {missing} must be set for this job, e.g. `{missing[0]}=/path/to/...`")
     config: Config = OmegaConf.to_object(cfg)
     check_config(config)
     return config

@@ -12,9 +12,14 @@ from deepspeed.accelerator import get_accelerator
 
 
 def init() -> tuple[int, int, torch.device]:
-    """Joins the process group set up by the launcher (deepspeed, torchrun) or starts a group of one."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
+    """Joins the process group set up by the launcher (deepspeed, torchrun, srun) or starts a group of one."""
+    # Under `srun`, SLURM numbers the tasks; MASTER_ADDR/PORT come from the sbatch script.
+    for key, slurm_key, default in (
+        ("RANK", "SLURM_PROCID", "0"),
+        ("LOCAL_RANK", "SLURM_LOCALID", "0"),
+        ("WORLD_SIZE", "SLURM_NTASKS", "1"),
+    ):
+        os.environ.setdefault(key, os.environ.get(slurm_key, default))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     accelerator = get_accelerator()

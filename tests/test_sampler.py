@@ -1,0 +1,122 @@
+"""The global-batch planner: counts, timestep distributions, layout invariance, epochs, null conditions."""
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from data.batch import load_micro_batch
+from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, num_bank_slots, slot_ids
+
+
+def planner(global_batch_size=32, bank_ratio=0.5, num_target=100, num_bank=60, **kw):
+    kw = {"split": TimestepSplit(), "label_dropout": 0.1, "seed": 7, **kw}
+    return GlobalBatchPlanner(
+        global_batch_size=global_batch_size, num_target=num_target, num_bank=num_bank, bank_ratio=bank_ratio, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "batch,ratio,rounding,expected",
+    [(32, 0.5, "round", 16), (32, 0.2, "floor", 6), (32, 0.2, "round", 6), (10, 0.25, "round", 3),
+     (10, 0.25, "floor", 2), (7, 0.5, "round", 4), (8, 0.0, "round", 0), (24, 1 / 3, "round", 8)],
+)
+def test_exact_bank_counts(batch, ratio, rounding, expected):
+    assert num_bank_slots(batch, ratio, rounding) == expected
+    p = planner(global_batch_size=batch, bank_ratio=ratio, bank_rounding=rounding)
+    for step in (0, 1, 17):
+        plan = p.plan(step)
+        assert plan.is_bank.sum() == expected
+        assert len(plan.t) == batch
+
+
+def test_timestep_histograms_match_psi_and_xi():
+    split = TimestepSplit(num_timesteps=1000, tau=1.0)
+    p = planner(split=split)
+    plans = [p.plan(step) for step in range(400)]
+    t_target = np.concatenate([pl.t[pl.source == TARGET] for pl in plans])
+    t_bank = np.concatenate([pl.t[pl.source == BANK] for pl in plans])
+    p_target, p_bank = split.probabilities()
+    bins = np.arange(0, 1001, 50)
+    for sample, probs, other in ((t_target, p_target, p_bank), (t_bank, p_bank, p_target)):
+        observed = np.histogram(sample, bins)[0]
+        expected = np.add.reduceat(probs, bins[:-1]) * len(sample)
+        assert chisquare(observed, expected).pvalue > 1e-3
+        # The same test rejects the other source's distribution: it has the power to fail.
+        assert chisquare(observed, np.add.reduceat(other, bins[:-1]) * len(sample)).pvalue < 1e-6
+
+
+def test_released_mirrored_weights_and_plain_finetuning():
+    psi, xi = TimestepSplit(num_timesteps=4, weights="mirrored", tau=1.0, bank_tau=2.0).probabilities()
+    np.testing.assert_allclose(psi, np.array([1, 2, 3, 4]) / 10)
+    np.testing.assert_allclose(xi, np.array([16, 9, 4, 1]) / 30)
+    psi, xi = TimestepSplit(num_timesteps=4, tau=0.0).probabilities()  # tau = 0: psi = 1, plain fine-tuning
+    np.testing.assert_allclose(psi, 0.25)
+    assert xi.sum() == 0
+    with pytest.raises(ValueError, match="bank timestep distribution is zero"):
+        planner(split=TimestepSplit(tau=0.0))
+
+
+def slot_tuples(plan, slots):
+    return [(plan.source[s], plan.index[s], plan.t[s], plan.noise_seed[s], plan.null_condition[s]) for s in slots]
+
+
+@pytest.mark.parametrize("world_size,accumulation", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 1), (4, 2), (8, 4)])
+def test_step_slots_identical_for_any_layout(world_size, accumulation):
+    batch = 32
+    micro = batch // (world_size * accumulation)
+    reference = planner().plan(5)
+    seen, bank_per_rank = [], []
+    for rank in range(world_size):
+        plan = planner().plan(5)  # each rank plans on its own, as separate processes do
+        bank = 0
+        for m in range(accumulation):
+            slots = slot_ids(rank=rank, micro_step=m, world_size=world_size, accumulation_steps=accumulation,
+                             micro_batch_size=micro)
+            seen += slot_tuples(plan, slots)
+            bank += plan.is_bank[slots].sum()
+        bank_per_rank.append(bank)
+    assert sorted(seen) == sorted(slot_tuples(reference, range(batch)))
+    assert len(seen) == batch
+    assert max(bank_per_rank) - min(bank_per_rank) <= 1
+
+
+def test_micro_batch_tensors_do_not_depend_on_the_layout():
+    rng = np.random.default_rng(0)
+    target = [{"x": rng.standard_normal((3, 4, 4)).astype(np.float32), "label": i % 5} for i in range(50)]
+    bank = [{"x": rng.standard_normal((3, 4, 4)).astype(np.float32), "label": 9} for i in range(20)]
+    plan = planner(global_batch_size=8, num_target=50, num_bank=20).plan(3)
+    whole = load_micro_batch(plan, np.arange(8), {TARGET: target, BANK: bank})
+    for rank in range(2):
+        slots = slot_ids(rank=rank, micro_step=0, world_size=2, accumulation_steps=1, micro_batch_size=4)
+        part = load_micro_batch(plan, slots, {TARGET: target, BANK: bank})
+        assert np.array_equal(part.noise.numpy(), whole.noise.numpy()[slots])
+        assert np.array_equal(part.x0.numpy(), whole.x0.numpy()[slots])
+
+
+def test_bank_slots_carry_the_null_condition_and_target_dropout_rate():
+    p = planner(label_dropout=0.1)
+    plans = [p.plan(step) for step in range(300)]
+    assert all(pl.null_condition[pl.is_bank].all() for pl in plans)
+    dropped = np.concatenate([pl.null_condition[~pl.is_bank] for pl in plans])
+    assert 0.08 < dropped.mean() < 0.12
+    assert not any(planner(label_dropout=0.0).plan(s).null_condition[16:].any() for s in range(20))
+
+
+def test_each_source_walks_a_permutation_per_epoch():
+    p = planner(global_batch_size=10, bank_ratio=0.3, num_target=21, num_bank=9)
+    target = np.concatenate([p.plan(s).index[p.plan(s).source == TARGET] for s in range(9)])  # 63 = 3 epochs
+    bank = np.concatenate([p.plan(s).index[p.plan(s).source == BANK] for s in range(9)])  # 27 = 3 epochs
+    for draws, size in ((target, 21), (bank, 9)):
+        epochs = draws.reshape(3, size)
+        assert all(sorted(e) == list(range(size)) for e in epochs)
+        assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+def test_plans_depend_on_seed_and_step_only():
+    a, b = planner(seed=1), planner(seed=1)
+    b.plan(40)  # planning other steps first changes nothing
+    for step in (0, 3, 11):
+        pa, pb = a.plan(step), b.plan(step)
+        for field in ("source", "index", "t", "noise_seed", "null_condition"):
+            assert np.array_equal(getattr(pa, field), getattr(pb, field))
+    assert not np.array_equal(planner(seed=2).plan(0).t, a.plan(0).t)
