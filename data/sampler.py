@@ -135,9 +135,7 @@ class GlobalBatchPlanner:
         flip = np.empty(self.global_batch_size, dtype=bool)
         for slot in range(self.global_batch_size):
             rng = np.random.default_rng([self.seed, _SLOT, step, slot])
-            t[slot] = np.searchsorted(
-                self._cdf[source[slot]], rng.random() * self._cdf[source[slot]][-1], "right"
-            )
+            t[slot] = np.searchsorted(self._cdf[source[slot]], rng.random() * self._cdf[source[slot]][-1], "right")
             noise_seed[slot] = rng.integers(2**63 - 1)
             null_condition[slot] |= rng.random() < self.label_dropout
             flip[slot] = rng.random() < 0.5

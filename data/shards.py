@@ -125,8 +125,9 @@ def _check_fields(fields: dict[str, str], where: Path) -> None:
         raise ShardError(f"{where}: the schema has no fields; give at least one, e.g. {{'x': 'npy'}}")
     for name, ext in fields.items():
         if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
-            raise ShardError(f"{where}: field name {name!r} must be letters, digits, '_' or '-', "
-                             "starting with a letter or digit")
+            raise ShardError(
+                f"{where}: field name {name!r} must be letters, digits, '_' or '-', starting with a letter or digit"
+            )
         if ext not in FIELD_EXTENSIONS:
             raise ShardError(f"{where}: field {name!r} has extension {ext!r}; use one of {FIELD_EXTENSIONS}")
 
@@ -137,10 +138,12 @@ def _check_contiguous(records: list[ShardRecord], where: Path) -> None:
     next_index = 0
     for record in records:
         if record.first_index != next_index or record.num_samples <= 0:
-            raise ShardError(f"{where}: shard {record.name} covers indices from {record.first_index} "
-                             f"({record.num_samples} samples) but the shards before it end at {next_index}; "
-                             "shards must cover 0..N-1 without gaps or overlaps (a shard is missing or "
-                             "listed twice)")
+            raise ShardError(
+                f"{where}: shard {record.name} covers indices from {record.first_index} "
+                f"({record.num_samples} samples) but the shards before it end at {next_index}; "
+                "shards must cover 0..N-1 without gaps or overlaps (a shard is missing or "
+                "listed twice)"
+            )
         next_index += record.num_samples
     if len({record.name for record in records}) != len(records):
         raise ShardError(f"{where}: a shard file is listed twice; each index range needs its own file")
@@ -189,8 +192,10 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def _encode_sample(sample: dict, fields: dict[str, str], index: int, path: Path) -> dict[str, bytes]:
     if not isinstance(sample, dict) or set(sample) != set(fields):
         got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
-        raise ShardError(f"{path}: sample {index} has fields {got} but the schema is {sorted(fields)}; "
-                         "every sample must have exactly the schema's fields")
+        raise ShardError(
+            f"{path}: sample {index} has fields {got} but the schema is {sorted(fields)}; "
+            "every sample must have exactly the schema's fields"
+        )
     encoded = {"__key__": _sample_key(index)}
     for name, ext in fields.items():
         try:
@@ -200,9 +205,7 @@ def _encode_sample(sample: dict, fields: dict[str, str], index: int, path: Path)
     return encoded
 
 
-def write_shard(
-    path: str | Path, samples: Iterable[dict], fields: dict[str, str], first_index: int
-) -> ShardRecord:
+def write_shard(path: str | Path, samples: Iterable[dict], fields: dict[str, str], first_index: int) -> ShardRecord:
     """Atomically write samples with global indices first_index, first_index + 1, ... as one tar shard."""
     path = Path(path)
     _check_fields(fields, path)
@@ -236,9 +239,12 @@ def write_manifest(
     records = sorted(shards, key=lambda record: record.first_index)
     _check_contiguous(records, path)
     document = {
-        "format": _FORMAT, "version": _VERSION, "fields": dict(fields),
+        "format": _FORMAT,
+        "version": _VERSION,
+        "fields": dict(fields),
         "num_samples": sum(record.num_samples for record in records),
-        "shards": [asdict(record) for record in records], "meta": meta or {},
+        "shards": [asdict(record) for record in records],
+        "meta": meta or {},
     }
     text = json.dumps(document, indent=2) + "\n"  # before the write: unserialisable meta leaves no file
     _atomic_write(path, lambda file: file.write(text.encode("utf-8")))
@@ -248,9 +254,11 @@ def write_manifest(
 def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise ShardError(f"no shard manifest at {path}: a shard set must be written by the prepare/generate "
-                         "job (run launch/prepare_data.py or launch/generate_bank.py), which writes "
-                         f"{MANIFEST_NAME} after every shard is complete")
+        raise ShardError(
+            f"no shard manifest at {path}: a shard set must be written by the prepare/generate "
+            "job (run launch/prepare_data.py or launch/generate_bank.py), which writes "
+            f"{MANIFEST_NAME} after every shard is complete"
+        )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         if document.get("format") != _FORMAT or document.get("version") != _VERSION:
@@ -259,14 +267,18 @@ def read_manifest(directory: str | Path) -> Manifest:
         records = [_record_from_json(entry) for entry in document["shards"]]
         declared_num_samples = document["num_samples"]
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ShardError(f"{path} is not a valid shard manifest ({err!r}); re-run launch/prepare_data.py "
-                         "or launch/generate_bank.py to rewrite the shard set") from err
+        raise ShardError(
+            f"{path} is not a valid shard manifest ({err!r}); re-run launch/prepare_data.py "
+            "or launch/generate_bank.py to rewrite the shard set"
+        ) from err
     _check_fields(fields, path)
     _check_contiguous(records, path)
     manifest = Manifest(fields, records, meta)
     if declared_num_samples != manifest.num_samples:
-        raise ShardError(f"{path} says num_samples={declared_num_samples} but its shards hold "
-                         f"{manifest.num_samples}; {_REWRITE_HINT} to rewrite it")
+        raise ShardError(
+            f"{path} says num_samples={declared_num_samples} but its shards hold "
+            f"{manifest.num_samples}; {_REWRITE_HINT} to rewrite it"
+        )
     return manifest
 
 
@@ -282,8 +294,9 @@ def _check_file(path: Path, record: ShardRecord, verify: str) -> None:
     if not path.is_file():
         raise _bad_shard(path, "is listed in the manifest but missing")
     if verify != "none" and path.stat().st_size != record.num_bytes:
-        raise _bad_shard(path, f"has {path.stat().st_size} bytes but the manifest says {record.num_bytes} "
-                               "(truncated or changed)")
+        raise _bad_shard(
+            path, f"has {path.stat().st_size} bytes but the manifest says {record.num_bytes} (truncated or changed)"
+        )
     if verify == "sha256" and _sha256_file(path) != record.sha256:
         raise _bad_shard(path, "fails its sha256 check against the manifest (corrupt or changed)")
 
@@ -298,8 +311,11 @@ def _scan_members(path: Path, record: ShardRecord) -> dict[str, dict[str, tuple[
                 key, _, suffix = info.name.partition(".")
                 # Refuse what we cannot decode safely (e.g. .pyd/.pickle) before a byte of it is read.
                 if not info.isfile() or not suffix or info.name.rpartition(".")[2] not in FIELD_EXTENSIONS:
-                    raise _bad_shard(path, f"holds member {info.name!r}, which is refused unread: only "
-                                           f"{FIELD_EXTENSIONS} fields are supported")
+                    raise _bad_shard(
+                        path,
+                        f"holds member {info.name!r}, which is refused unread: only "
+                        f"{FIELD_EXTENSIONS} fields are supported",
+                    )
                 if info.offset_data + info.size > file_size:
                     raise _bad_shard(path, f"is truncated inside member {info.name!r}")
                 if suffix in samples.setdefault(key, {}):
@@ -312,8 +328,11 @@ def _scan_members(path: Path, record: ShardRecord) -> dict[str, dict[str, tuple[
     last_index = record.first_index + record.num_samples - 1
     expected = {_sample_key(index) for index in range(record.first_index, last_index + 1)}
     if set(samples) != expected:
-        raise _bad_shard(path, f"holds sample keys {sorted(set(samples) - expected)[:3]} outside the "
-                               f"manifest's indices {record.first_index}..{last_index}")
+        raise _bad_shard(
+            path,
+            f"holds sample keys {sorted(set(samples) - expected)[:3]} outside the "
+            f"manifest's indices {record.first_index}..{last_index}",
+        )
     return samples
 
 
@@ -352,8 +371,11 @@ class ShardDataset:
             for position in range(record.num_samples):
                 found = members[_sample_key(record.first_index + position)]
                 if set(found) != set(suffixes):
-                    raise _bad_shard(path, f"has sample {record.first_index + position} with members "
-                                           f"{sorted(found)} but the schema is {sorted(suffixes)}")
+                    raise _bad_shard(
+                        path,
+                        f"has sample {record.first_index + position} with members "
+                        f"{sorted(found)} but the schema is {sorted(suffixes)}",
+                    )
                 locations[position] = [found[suffix] for suffix in suffixes]
             self._locations.append(locations)
 
@@ -369,8 +391,9 @@ class ShardDataset:
         path = self.directory / record.name
         fd = self._open(shard)
         sample: dict[str, Any] = {}
-        for (offset, size), name, ext in zip(self._locations[shard][index - record.first_index],
-                                             self._names, self._exts, strict=True):
+        for (offset, size), name, ext in zip(
+            self._locations[shard][index - record.first_index], self._names, self._exts, strict=True
+        ):
             data = os.pread(fd, int(size), int(offset))
             if len(data) != size:
                 raise _bad_shard(path, f"is truncated (short read of sample {index})")

@@ -58,22 +58,16 @@ class DiTFamily:
         else:
             folder = path / "transformer" if (path / "transformer").is_dir() else path
             if not (folder / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{folder} has no config.json: is model.pretrained a diffusers DiT folder?"
-                )
+                raise FileNotFoundError(f"{folder} has no config.json: is model.pretrained a diffusers DiT folder?")
             transformer = DiTTransformer2DModel.from_pretrained(folder)
             if (path / "scheduler" / "scheduler_config.json").is_file():
                 scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
             vae_folder = path / "vae" if (path / "vae").is_dir() else None
         if vae is not None:
             if not Path(vae).is_dir():
-                raise FileNotFoundError(
-                    f"model.vae={vae} is not a folder: point it to a local AutoencoderKL folder"
-                )
+                raise FileNotFoundError(f"model.vae={vae} is not a folder: point it to a local AutoencoderKL folder")
             vae_folder = Path(vae)
-        vae_model = (
-            AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False) if vae_folder else None
-        )
+        vae_model = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False) if vae_folder else None
         transformer = relabel(transformer, num_classes, class_init, seed)
         return cls(transformer, vae_model, scheduler_config)
 
@@ -155,18 +149,16 @@ class DiTFamily:
         """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
-    def export(
-        self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None
-    ):
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """A diffusers folder: a full `DiTPipeline` when there is a VAE, else transformer + scheduler."""
         directory = Path(directory)
         transformer = self.denoiser_from_state_dict(state_dict)
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         if self.vae is not None:
             id2label = {i: name for i, name in enumerate(class_names or [])}
-            DiTPipeline(
-                transformer=transformer, vae=self.vae, scheduler=scheduler, id2label=id2label
-            ).save_pretrained(directory)
+            DiTPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler, id2label=id2label).save_pretrained(
+                directory
+            )
         else:
             transformer.save_pretrained(directory / "transformer")
             scheduler.save_pretrained(directory / "scheduler")

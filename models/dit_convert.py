@@ -162,9 +162,7 @@ def infer_original_dit_config(
     }
 
 
-def convert_original_dit(
-    state_dict: dict[str, torch.Tensor], *, source: str = "state dict"
-) -> dict[str, torch.Tensor]:
+def convert_original_dit(state_dict: dict[str, torch.Tensor], *, source: str = "state dict") -> dict[str, torch.Tensor]:
     """Rename/split an original DiT state dict into diffusers ``DiTTransformer2DModel`` keys."""
     _check_is_dit(state_dict, source)
     num_layers = _num_blocks(state_dict, source)
@@ -202,9 +200,7 @@ def convert_original_dit(
 
     leftover = sorted(set(state_dict) - consumed)
     if leftover:
-        raise ValueError(
-            f"{source}: unexpected keys for an original DiT state dict: {', '.join(leftover[:10])}"
-        )
+        raise ValueError(f"{source}: unexpected keys for an original DiT state dict: {', '.join(leftover[:10])}")
     return out
 
 

@@ -142,9 +142,7 @@ class OriginalDiT(nn.Module):
             h = block(h, c)
         h = self.final_layer(h, c)  # (N, T, p*p*C)
         h = h.reshape(-1, grid, grid, self.patch, self.patch, self.out_ch)
-        return torch.einsum("nhwpqc->nchpwq", h).reshape(
-            -1, self.out_ch, grid * self.patch, grid * self.patch
-        )
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, self.out_ch, grid * self.patch, grid * self.patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +215,7 @@ def test_ema_wrapper_is_preferred(reference: OriginalDiT, tmp_path: Path) -> Non
     model = dit_from_original_checkpoint(path, num_attention_heads=2)
     x, t, y = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(x, timestep=t, class_labels=y).sample, reference(x, t, y), atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample, reference(x, t, y), atol=1e-5, rtol=0)
 
 
 def test_model_wrapper_without_ema(reference: OriginalDiT, tmp_path: Path) -> None:
@@ -287,9 +283,7 @@ def test_not_a_dit_checkpoint(tmp_path: Path) -> None:
 
 def test_heads_must_divide_hidden(reference: OriginalDiT, tmp_path: Path) -> None:
     path = _save(reference.state_dict(), tmp_path)
-    with pytest.raises(
-        ValueError, match=r"DiT-tiny\.pt.*hidden size 32 is not divisible by num_attention_heads=3"
-    ):
+    with pytest.raises(ValueError, match=r"DiT-tiny\.pt.*hidden size 32 is not divisible by num_attention_heads=3"):
         dit_from_original_checkpoint(path, num_attention_heads=3)
 
 

@@ -27,7 +27,9 @@ def hand_loss(out, x0, noise, t):
     x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     mean = lambda x: beta * math.sqrt(a_prev) / (1 - a_t) * x + (1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t) * x_t  # noqa: E731
     if t > 0:
-        kl = 0.5 * (-1 + log_var - min_log + np.exp(min_log - log_var) + (mean(x0) - mean(x0_hat)) ** 2 / np.exp(log_var))
+        kl = 0.5 * (
+            -1 + log_var - min_log + np.exp(min_log - log_var) + (mean(x0) - mean(x0_hat)) ** 2 / np.exp(log_var)
+        )
         vb = np.mean(kl) / math.log(2)
     else:
         cdf = lambda z: 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))  # noqa: E731

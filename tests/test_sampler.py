@@ -17,8 +17,16 @@ def planner(global_batch_size=32, bank_ratio=0.5, num_target=100, num_bank=60, *
 
 @pytest.mark.parametrize(
     "batch,ratio,rounding,expected",
-    [(32, 0.5, "round", 16), (32, 0.2, "floor", 6), (32, 0.2, "round", 6), (10, 0.25, "round", 3),
-     (10, 0.25, "floor", 2), (7, 0.5, "round", 4), (8, 0.0, "round", 0), (24, 1 / 3, "round", 8)],
+    [
+        (32, 0.5, "round", 16),
+        (32, 0.2, "floor", 6),
+        (32, 0.2, "round", 6),
+        (10, 0.25, "round", 3),
+        (10, 0.25, "floor", 2),
+        (7, 0.5, "round", 4),
+        (8, 0.0, "round", 0),
+        (24, 1 / 3, "round", 8),
+    ],
 )
 def test_exact_bank_counts(batch, ratio, rounding, expected):
     assert num_bank_slots(batch, ratio, rounding) == expected
@@ -70,8 +78,9 @@ def test_step_slots_identical_for_any_layout(world_size, accumulation):
         plan = planner().plan(5)  # each rank plans on its own, as separate processes do
         bank = 0
         for m in range(accumulation):
-            slots = slot_ids(rank=rank, micro_step=m, world_size=world_size, accumulation_steps=accumulation,
-                             micro_batch_size=micro)
+            slots = slot_ids(
+                rank=rank, micro_step=m, world_size=world_size, accumulation_steps=accumulation, micro_batch_size=micro
+            )
             seen += slot_tuples(plan, slots)
             bank += plan.is_bank[slots].sum()
         bank_per_rank.append(bank)

@@ -142,8 +142,7 @@ def test_non_contiguous_records_rejected(tmp_path):
         with pytest.raises(ShardError, match="without gaps or overlaps"):
             write_manifest(tmp_path / "set", bad, FIELDS)
     with pytest.raises(ShardError, match="listed twice"):
-        write_manifest(tmp_path / "set", [records[0], dataclasses.replace(records[1], name=records[0].name)],
-                       FIELDS)
+        write_manifest(tmp_path / "set", [records[0], dataclasses.replace(records[1], name=records[0].name)], FIELDS)
     assert not (tmp_path / "set" / MANIFEST_NAME).exists()
     write_manifest(tmp_path / "set", list(reversed(records)), FIELDS)  # order given does not matter
     assert read_manifest(tmp_path / "set").shards == records
@@ -274,8 +273,7 @@ def test_pickle_member_is_refused_and_never_unpickled(tmp_path):
     shard_dir.mkdir()
     npy = io.BytesIO()
     np.save(npy, np.zeros(3))
-    members = {"0000000000.x.npy": npy.getvalue(),
-               "0000000000.x.pyd": pickle.dumps(CreatesFileWhenUnpickled(marker))}
+    members = {"0000000000.x.npy": npy.getvalue(), "0000000000.x.pyd": pickle.dumps(CreatesFileWhenUnpickled(marker))}
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
             tar.addfile(_info(name, len(data)), io.BytesIO(data))
@@ -328,8 +326,9 @@ def test_forked_dataloader_workers_read_correct_samples(tmp_path):
     dataset = ShardDataset(tmp_path)
     dataset[0]  # the parent holds an open descriptor that forked workers inherit
     order = [8, 1, 5, 3, 0, 7, 2, 6, 4]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=order, num_workers=2, multiprocessing_context="fork"
+    )
     samples = list(loader)
     assert [int(s["__index__"]) for s in samples] == order
     for sample in samples:

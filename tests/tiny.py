@@ -46,9 +46,9 @@ def make_tiny_dit(folder: Path, *, seed: int = 0, latent: bool = False, num_clas
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     model.save_pretrained(folder / "transformer")
-    DDPMScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
-    ).save_pretrained(folder / "scheduler")
+    DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear").save_pretrained(
+        folder / "scheduler"
+    )
     return folder
 
 
@@ -70,9 +70,7 @@ def make_shards(
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for shard, first in enumerate(range(0, num_samples, per_shard)):
-        samples = [
-            {"x": x[i], "label": int(labels[i])} for i in range(first, min(first + per_shard, num_samples))
-        ]
+        samples = [{"x": x[i], "label": int(labels[i])} for i in range(first, min(first + per_shard, num_samples))]
         records.append(write_shard(folder / shard_name(shard), samples, fields, first))
     meta = {"classes": [f"class_{i}" for i in range(num_classes)]} if classes else {}
     write_manifest(folder, records, fields, meta)

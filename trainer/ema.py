@@ -29,6 +29,4 @@ class EMA:
         missing = set(self.weights) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model: keys {sorted(missing)[:5]} differ")
-        self.weights = {
-            k: state[k].to(self.weights[k].device, torch.float32, copy=True) for k in self.weights
-        }
+        self.weights = {k: state[k].to(self.weights[k].device, torch.float32, copy=True) for k in self.weights}

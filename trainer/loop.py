@@ -50,9 +50,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         bank_rounding=cfg.method.bank_count,
         label_dropout=cfg.method.label_dropout,
         seed=cfg.train.seed,
-        split=TimestepSplit(
-            len(family.betas()), cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau
-        ),
+        split=TimestepSplit(len(family.betas()), cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
     )
     distributed.barrier()  # all checks passed on every rank before the run directory is touched
     if rank == 0:
@@ -225,9 +223,7 @@ def export(family, engine, ema: EMA, run_dir: Path, rank: int, class_names) -> N
     """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective)."""
     with distributed.full_parameters(engine.module):
         raw = (
-            {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-            if rank == 0
-            else None
+            {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
         )
     if rank == 0:
         family.export(ema.state_dict(), run_dir / "export" / "ema", class_names)

@@ -27,9 +27,7 @@ class NoiseSchedule:
         self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1.0).sqrt()
         # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value, as DiT does.
-        self.posterior_log_variance_clipped = torch.cat(
-            [posterior_variance[1:2], posterior_variance[1:]]
-        ).log()
+        self.posterior_log_variance_clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log()
         self.log_betas = betas.log()
         self.posterior_mean_coef1 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
@@ -40,10 +38,7 @@ class NoiseSchedule:
         return values.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (
-            self.at("sqrt_alphas_cumprod", t, x0) * x0
-            + self.at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-        )
+        return self.at("sqrt_alphas_cumprod", t, x0) * x0 + self.at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
 
 def diffusion_loss(
@@ -66,8 +61,7 @@ def diffusion_loss(
     min_log = schedule.at("posterior_log_variance_clipped", t, x0)
     model_log_variance = (v + 1) / 2 * schedule.at("log_betas", t, x0) + (1 - v) / 2 * min_log
     x0_pred = (
-        schedule.at("sqrt_recip_alphas_cumprod", t, x0) * x_t
-        - schedule.at("sqrt_recipm1_alphas_cumprod", t, x0) * eps
+        schedule.at("sqrt_recip_alphas_cumprod", t, x0) * x_t - schedule.at("sqrt_recipm1_alphas_cumprod", t, x0) * eps
     )
     coef1, coef2 = schedule.at("posterior_mean_coef1", t, x0), schedule.at("posterior_mean_coef2", t, x0)
     model_mean, true_mean = coef1 * x0_pred + coef2 * x_t, coef1 * x0 + coef2 * x_t
@@ -77,9 +71,7 @@ def diffusion_loss(
     return mse + vb
 
 
-def source_weights(
-    is_bank: torch.Tensor, num_target: int, num_bank: int, bank_loss_weight: float
-) -> torch.Tensor:
+def source_weights(is_bank: torch.Tensor, num_target: int, num_bank: int, bank_loss_weight: float) -> torch.Tensor:
     """Per-slot weights: mean over the global target slots + lambda * mean over the global bank slots."""
     target_weight = 1.0 / num_target if num_target else 0.0
     bank_weight = bank_loss_weight / num_bank if num_bank else 0.0
@@ -91,9 +83,7 @@ def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,7 @@ from tqdm import tqdm
 class MetricsLogger:
     """Does nothing on ranks other than 0, so the loop can call it everywhere."""
 
-    def __init__(
-        self, run_dir: Path, enabled: bool, start_step: int, total_steps: int, progress: bool = True
-    ):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int, total_steps: int, progress: bool = True):
         self.enabled = enabled
         if not enabled:
             return
