@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
+# DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
+DITPIPELINE_NULL_CLASS = 1000
 # DiT's own training schedule, used when the pre-trained weights come without a scheduler config.
 DIT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -153,15 +155,31 @@ class DiTFamily:
         """A diffusers folder: a full `DiTPipeline` when there is a VAE, else transformer + scheduler."""
         directory = Path(directory)
         transformer = self.denoiser_from_state_dict(state_dict)
+        transformer = pad_label_table(transformer, DITPIPELINE_NULL_CLASS)
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         if self.vae is not None:
-            id2label = {i: name for i, name in enumerate(class_names or [])}
-            DiTPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler, id2label=id2label).save_pretrained(
-                directory
-            )
+            DiTPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler).save_pretrained(directory)
+            # DiTPipeline reads id2label from model_index.json but does not write it itself.
+            index = json.loads((directory / "model_index.json").read_text())
+            index["id2label"] = {str(i): name for i, name in enumerate(class_names or [])}
+            (directory / "model_index.json").write_text(json.dumps(index, indent=2))
         else:
             transformer.save_pretrained(directory / "transformer")
             scheduler.save_pretrained(directory / "scheduler")
+
+
+def pad_label_table(transformer: DiTTransformer2DModel, num_classes: int) -> DiTTransformer2DModel:
+    """Grows the label table to `num_classes` rows + null; the new rows copy the null row (unconditional)."""
+    old = transformer.config.num_embeds_ada_norm
+    if old >= num_classes:
+        return transformer
+    state = transformer.state_dict()
+    for key in [k for k in state if k.endswith("class_embedder.embedding_table.weight")]:
+        table = state[key]
+        state[key] = torch.cat([table[:old], table[old:].expand(num_classes - old, -1), table[old:]])
+    model = DiTTransformer2DModel.from_config({**transformer.config, "num_embeds_ada_norm": num_classes})
+    model.load_state_dict(state)
+    return model
 
 
 def relabel(transformer: DiTTransformer2DModel, num_classes: int, class_init: str, seed: int = 0):

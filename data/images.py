@@ -1,0 +1,104 @@
+"""Pure image helpers for preparing target data: list an ImageFolder, check, load, crop and flip images."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# What torchvision's ImageFolder accepts; other files are listed as ignored, never silently read or dropped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    root: Path
+    classes: list[str]  # sorted subfolder names; a label is a position in this list
+    files: list[tuple[str, int]]  # (path relative to root, label), sorted by (label, path)
+    ignored: list[str]  # files without an image extension, relative to root
+
+
+def list_image_folder(root: str | Path) -> ImageFolderListing:
+    """One subfolder per class (walked recursively, hidden entries skipped); raises naming an empty class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"prepare.images={root} is not a folder: point it to an ImageFolder layout")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"prepare.images={root} has no class subfolders: put each class's images in root/<class>/")
+    files, ignored = [], []
+    for label, name in enumerate(classes):
+        found = []
+        for folder, subfolders, filenames in os.walk(root / name):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            for filename in filenames:
+                if filename.startswith("."):
+                    continue
+                relative = (Path(folder) / filename).relative_to(root).as_posix()
+                (found if filename.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(relative)
+        if not found:
+            raise ValueError(
+                f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder"
+            )
+        files.extend((relative, label) for relative in sorted(found))
+    return ImageFolderListing(root, classes, files, sorted(ignored))
+
+
+def check_image(path: str | Path) -> str | None:
+    """None if the image decodes completely, else why not. verify() catches a bad header and load() a
+    truncated body; anything PIL raises (incl. decompression bombs) marks the file unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.convert("RGB").load()
+    except Exception as err:  # noqa: BLE001 - one bad file must not stop a job over a million images
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def find_unreadable(paths: list[Path], num_threads: int = 8) -> list[str | None]:
+    """check_image over many files; PIL decodes outside the GIL, so threads help."""
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        return list(pool.map(check_image, paths))
+
+
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """DiT's preprocessing: halve with a box filter while the short side is at least 2*size (cheap and
+    alias-free), resize bicubically so that the short side is `size`, then crop the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """An RGB image centre-cropped to size x size, as float32 CHW in [-1, 1]."""
+    with Image.open(path) as image:
+        image = center_crop_arr(image.convert("RGB"), size)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def hflip(image: np.ndarray) -> np.ndarray:
+    """Mirror a CHW image left-right."""
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def load_images(paths: list[Path], size: int, num_threads: int = 8) -> np.ndarray:
+    """load_image over a batch, (B, 3, size, size); decoding and resizing release the GIL."""
+
+    def load(path: Path) -> np.ndarray:
+        try:
+            return load_image(path, size)
+        except Exception as err:  # it passed check_image, so it changed since: name it
+            raise ValueError(f"image {path} can no longer be read ({err}); it changed during the job") from err
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        return np.stack(list(pool.map(load, paths)))

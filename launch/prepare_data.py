@@ -1,0 +1,37 @@
+"""Prepare target data: an ImageFolder (one subfolder per class) into shards of VAE latents (or pixels):
+`deepspeed launch/prepare_data.py --config X model.pretrained=/path prepare.images=/images data.target=/out`.
+
+Also runs as a single process and under torchrun/srun. Unreadable images are listed in /out/report.json; a
+rerun with the same settings builds only the missing or incomplete shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.common import run_guarded  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.prepare import prepare_data  # noqa: E402
+
+PREPARE_KEYS = ("model.pretrained", "prepare.images", "data.target")
+# Preparing reads no method.* setting, but check_config wants a bank whenever bank_ratio > 0: without this
+# default (which the user's own overrides still beat) a training preset could not be reused here.
+PREPARE_DEFAULTS = ["method.bank_ratio=0"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a preset name from configs/ or a YAML file")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. prepare.resolution=256")
+    args = parser.parse_args(argv)
+    overrides = PREPARE_DEFAULTS + args.overrides
+    return run_guarded(lambda: prepare_data(load_config(args.config, overrides, PREPARE_KEYS)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

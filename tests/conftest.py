@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models and shard sets on disk, and a launcher for real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_shards, make_tiny_dit
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny pixel-space DiT (10 classes) and its target (4 classes) and bank shard sets."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "pretrained": make_tiny_dit(root / "pretrained"),
+        "target": make_shards(root / "target", 40, num_classes=4, per_shard=16),
+        "bank": make_shards(root / "bank", 24, num_classes=10, per_shard=10, seed=1),
+        "root": root,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_entry(script: str, args: list[str], num_procs: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `launch/<script>` as users do: one plain process, or `deepspeed --num_gpus N` on the CPU."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    if num_procs == 1:
+        command = [sys.executable, str(ROOT / "launch" / script)]
+    else:
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        command = [
+            launcher,
+            "--num_gpus",
+            str(num_procs),
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "launch" / script),
+        ]
+    return subprocess.run(command + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(tiny: dict[str, Path], run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        "--config", "tiny_cpu", f"model.pretrained={tiny['pretrained']}", "model.num_classes=4",
+        f"data.target={tiny['target']}", f"data.bank={tiny['bank']}", f"run.dir={run_dir}", *overrides,
+    ]  # fmt: skip
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,95 @@
+"""Bad input stops `launch/train.py` before any work, with a message naming the key or file and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from launch.train import main
+from tests.conftest import train_args
+
+
+def train_error(capsys, args) -> str:
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_config_key(tiny, tmp_path, capsys):
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", "train.global_batchsize=8"))
+    assert "train.global_batchsize" in err and "global_batch_size" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_required_key(tmp_path, capsys):
+    err = train_error(capsys, ["--config", "tiny_cpu", f"run.dir={tmp_path / 'run'}"])
+    assert "model.pretrained" in err and "data.target" in err
+
+
+def test_global_batch_not_divisible(tiny, tmp_path, capsys):
+    err = train_error(
+        capsys, train_args(tiny, tmp_path / "run", "train.global_batch_size=8", "train.micro_batch_size=3")
+    )
+    assert "train.global_batch_size=8 is not divisible by ranks x train.micro_batch_size = 1 x 3" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_pretrained_folder(tiny, tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", f"model.pretrained={missing}"))
+    assert f"model.pretrained={missing} does not exist" in err and "local diffusers DiT folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_label_space_too_large(tiny, tmp_path, capsys):
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", "model.num_classes=11"))
+    assert "model.num_classes=11 is larger than the pre-trained label space (10 classes)" in err
+    assert "model.class_init=fresh" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_target_classes_do_not_fit_the_label_space(tiny, tmp_path, capsys):
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", "model.num_classes=3"))
+    assert "target data has 4 classes" in err and "model.num_classes=4" in err
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "count"])
+def test_shard_disagreeing_with_manifest(tiny, tmp_path, capsys, damage):
+    target = tmp_path / "target"
+    shutil.copytree(tiny["target"], target)
+    shard = target / "shard-000001.tar"
+    if damage == "flipped_byte":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        expected = "sha256"
+    else:
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["shards"][1]["num_samples"] -= 1
+        manifest["shards"][2]["first_index"] -= 1
+        manifest["num_samples"] -= 1
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        expected = "manifest says 15"
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", f"data.target={target}"))
+    assert "shard-000001.tar" in err and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_bank_manifest(tiny, tmp_path, capsys):
+    bank = tmp_path / "bank"
+    shutil.copytree(tiny["bank"], bank)
+    (bank / "manifest.json").unlink()
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", f"data.bank={bank}"))
+    assert str(bank / "manifest.json") in err and "generate_bank.py" in err
+
+
+def test_existing_run_dir_is_never_touched(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("results")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    err = train_error(capsys, train_args(tiny, run))
+    assert f"run directory {run} already exists" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert (run / "precious.txt").read_text() == "results"

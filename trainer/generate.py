@@ -1,0 +1,173 @@
+"""The memory bank: samples of the pre-trained model, generated once, straight into shards (METHOD.md).
+
+Sample i is a pure function of (weights, generation config, seed, i) (DESIGN invariant 2): its class and
+initial noise come from a generator seeded by (bank.seed, i), and DDIM is deterministic. Batches are cut
+at fixed offsets inside each shard, so the arithmetic does not depend on the number of ranks either, and
+the same bank comes out of 1 process or 64. Each rank writes only the shards it owns, skipping complete
+ones; rank 0 writes the manifest once every shard is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data.files import atomic_write_bytes
+from data.shard_jobs import (
+    claim_directory,
+    is_complete,
+    merge_manifest,
+    owned_shards,
+    shard_ranges,
+    write_owned_shard,
+)
+from data.shards import ShardDataset, ShardError
+from models import family_class
+from trainer import distributed
+from trainer.config import BankConfig, Config, ConfigError
+from trainer.metrics import image_grid
+
+BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
+GENERATOR_VERSION = 1  # bump when the recipe below changes, so that old banks are not extended with new samples
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """Fingerprint of a module's weights, so that a rerun with other weights at the same path is refused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_bank_config(bank: BankConfig) -> None:
+    for key in ("num_samples", "samples_per_shard", "batch_size", "num_steps"):
+        if getattr(bank, key) < 1:
+            raise ConfigError(f"bank.{key}={getattr(bank, key)} must be at least 1")
+    if bank.preview < 0:
+        raise ConfigError(f"bank.preview={bank.preview} must be >= 0 (0: no preview grid)")
+
+
+def sample_start(seed: int, index: int, num_classes: int, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+    """Class (uniform over the pre-trained label space) and initial noise of bank sample `index`."""
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(num_classes))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(rng.integers(2**63))))
+    return label, noise
+
+
+def bank_samples(
+    family, denoiser: torch.nn.Module, indices: range, bank: BankConfig, on_batch: Callable[[int], None]
+) -> Iterator[dict]:
+    """The samples of one shard, in batches of bank.batch_size aligned to the shard's first index."""
+    num_classes = family.null_condition  # the pre-trained label space: the bank is loaded with num_classes=0
+    for first in range(indices.start, indices.stop, bank.batch_size):
+        batch = range(first, min(first + bank.batch_size, indices.stop))
+        starts = [sample_start(bank.seed, i, num_classes, family.sample_shape) for i in batch]
+        labels = torch.tensor([label for label, _ in starts], dtype=torch.long)
+        noise = torch.stack([n for _, n in starts])
+        # The latent itself (or, in pixel space, the sample): decoding to PNG and re-encoding would add
+        # quantisation and a second VAE pass to what the trainer reads.
+        x = family.sample(
+            denoiser, labels, num_steps=bank.num_steps, guidance_scale=bank.guidance_scale, noise=noise, decode=False
+        )
+        x = x.float().cpu().numpy()
+        on_batch(len(batch))
+        for position, i in enumerate(batch):
+            label = int(labels[position])
+            yield {"x": x[position], "label": label, "meta": {"index": i, "seed": bank.seed, "class": label}}
+
+
+def generate_bank(cfg: Config) -> Path:
+    """Fills cfg.data.bank with cfg.bank.num_samples samples of the pre-trained model; returns the folder."""
+    check_bank_config(cfg.bank)
+    rank, world, device = distributed.init()
+    family = family_class(cfg.model.family).from_pretrained(
+        cfg.model.pretrained, vae=cfg.model.vae, num_classes=0, num_attention_heads=cfg.model.num_attention_heads
+    )
+    bank, directory = cfg.bank, Path(cfg.data.bank)
+    job = {
+        "kind": "bank",
+        "generator_version": GENERATOR_VERSION,
+        "weights_sha256": state_sha256(family.denoiser),
+        "num_classes": family.null_condition,
+        "sample_shape": list(family.sample_shape),
+        **{key: getattr(bank, key) for key in ("num_samples", "samples_per_shard", "batch_size", "num_steps")},
+        "guidance_scale": bank.guidance_scale,
+        "seed": bank.seed,
+    }
+    claim_directory(directory, job, "data.bank")  # every rank reads the same job.json: all fail alike
+
+    ranges = shard_ranges(bank.num_samples, bank.samples_per_shard)
+    owned = owned_shards(len(ranges), rank, world)
+    todo = [j for j in owned if not is_complete(directory, j, ranges[j])]
+    num_todo = sum(len(ranges[j]) for j in todo)
+    denoiser = family.denoiser.to(device).eval()
+    bar = tqdm(total=num_todo, desc=f"bank (rank 0 of {world})", unit="sample", disable=rank != 0, dynamic_ncols=True)
+    started = time.perf_counter()
+    for j in todo:
+        samples = bank_samples(family, denoiser, ranges[j], bank, bar.update)
+        write_owned_shard(directory, j, samples, BANK_FIELDS, ranges[j].start)
+    bar.close()
+    distributed.barrier()
+    seconds = time.perf_counter() - started
+    num_skipped = sum(len(ranges[j]) for j in owned) - num_todo
+    counts = distributed.all_reduce_sum(torch.tensor([num_todo, num_skipped], dtype=torch.float64, device=device))
+
+    meta = {
+        "kind": "bank",
+        "generator": {
+            "pretrained": str(Path(cfg.model.pretrained).resolve()),
+            "num_steps": bank.num_steps,
+            "guidance_scale": bank.guidance_scale,
+            "seed": bank.seed,
+            "num_samples": bank.num_samples,
+            "weights_sha256": job["weights_sha256"],
+        },
+        "num_classes": family.null_condition,
+    }
+    error = None
+    if rank == 0:
+        try:
+            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, BANK_FIELDS, meta)
+            if bank.preview:
+                write_preview(family, directory, bank.preview, device)
+        except ShardError as err:
+            error = err
+    if distributed.any_rank(error is not None, device):  # so that no rank waits for a rank 0 that failed
+        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
+    if rank == 0:
+        generated, complete = (int(c) for c in counts.tolist())
+        print(
+            f"bank: {generated} samples generated ({complete} already complete) in {seconds:.2f} s "
+            f"on {world} rank(s): {generated / seconds:.2f} samples/s -> {directory}",
+            flush=True,
+        )
+    distributed.barrier()
+    return directory
+
+
+def write_preview(family, directory: Path, num_images: int, device: torch.device) -> Path:
+    """A decoded grid of the first samples, for a human to look at (rank 0; not read by any job)."""
+    dataset = ShardDataset(directory, verify="none")  # just checked by merge_manifest
+    x = torch.from_numpy(np.stack([dataset[i]["x"] for i in range(min(num_images, len(dataset)))]))
+    dataset.close()
+    if family.vae is None:
+        images = x
+    else:
+        family.vae.to(device)
+        images = family.decode(x.to(device))
+    buffer = io.BytesIO()
+    Image.fromarray(image_grid(images)).save(buffer, format="PNG")
+    path = directory / "preview.png"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
