@@ -23,10 +23,12 @@ TINY_DIT = dict(
 )
 
 
-def make_tiny_dit(folder: Path, *, seed: int = 0, latent: bool = False, num_classes: int = 10) -> Path:
+def make_tiny_dit(
+    folder: Path, *, seed: int = 0, latent: bool = False, num_classes: int = 10, **overrides: int
+) -> Path:
     """A random tiny DiT saved as a diffusers folder (transformer/, scheduler/ and, if latent, vae/)."""
     torch.manual_seed(seed)
-    config = dict(TINY_DIT, num_embeds_ada_norm=num_classes)
+    config = dict(TINY_DIT, num_embeds_ada_norm=num_classes, **overrides)
     if latent:
         config.update(in_channels=4, out_channels=8, sample_size=4)
         AutoencoderKL(

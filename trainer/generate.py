@@ -91,6 +91,13 @@ def generate_bank(cfg: Config) -> Path:
     """Fills cfg.data.bank with cfg.bank.num_samples samples of the pre-trained model; returns the folder."""
     check_bank_config(cfg.bank)
     rank, world, device = distributed.init()
+    try:
+        return _generate_bank(cfg, rank, world, device)
+    finally:
+        distributed.destroy()  # a process group left to interpreter exit can abort in gloo's threads
+
+
+def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     family = family_class(cfg.model.family).from_pretrained(
         cfg.model.pretrained, vae=cfg.model.vae, num_classes=0, num_attention_heads=cfg.model.num_attention_heads
     )

@@ -119,16 +119,23 @@ def listing_sha256(listing: ImageFolderListing) -> str:
 
 def prepare_data(cfg: Config) -> Path:
     """Writes cfg.prepare.images as shards into cfg.data.target; returns the folder."""
-    prepare, directory = cfg.prepare, Path(cfg.data.target)
     for key in ("resolution", "samples_per_shard", "batch_size"):
-        if getattr(prepare, key) < 1:
-            raise ConfigError(f"prepare.{key}={getattr(prepare, key)} must be at least 1")
+        if getattr(cfg.prepare, key) < 1:
+            raise ConfigError(f"prepare.{key}={getattr(cfg.prepare, key)} must be at least 1")
     rank, world, device = distributed.init()
+    try:
+        return _prepare_data(cfg, rank, world, device)
+    finally:
+        distributed.destroy()  # a process group left to interpreter exit can abort in gloo's threads
+
+
+def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
+    prepare, directory = cfg.prepare, Path(cfg.data.target)
+    listing = list_image_folder(prepare.images)  # every rank lists the same folder: all fail alike
     family = family_class(cfg.model.family).from_pretrained(
         cfg.model.pretrained, vae=cfg.model.vae, num_classes=0, num_attention_heads=cfg.model.num_attention_heads
     )
     check_resolution(family, prepare.resolution)
-    listing = list_image_folder(prepare.images)  # every rank lists the same folder: all fail alike
     job = {
         "kind": "target",
         "files_sha256": listing_sha256(listing),

@@ -1,0 +1,265 @@
+"""Builds `assets/demo/`, the weights the embedded demo ships with, so that the demo needs no download and no GPU.
+
+- `source_model/`: a tiny pixel-space DiT (diffusers `DiTTransformer2DModel`, learned sigma, `transformer/` and
+  `scheduler/`) pre-trained on the SOURCE procedural domain of `data/procedural.py` with DiT's own objective
+  (`trainer.loss.diffusion_loss`, linear betas 1e-4..0.02, 1000 steps) and 10% label dropout to the null class.
+  The EMA weights are saved.
+- `feature_net.pt`: the small CNN of `models/feature_net.py`, trained to classify (domain x shape) and corrupted
+  images and to regress each image's attributes; its 32-d embedding is the demo's FID feature space.
+- `source_samples.png`: a grid of DDIM-50 samples of the source model (rows: classes); `info.json`: the configs,
+  training times and the sanity Fréchet distances printed at the end.
+
+How the shipped assets were made (2 CPU cores, shared with other jobs; see `info.json` for the exact numbers):
+    DS_ACCELERATOR=cpu .venv/bin/python launch/make_demo_assets.py --overwrite
+with the defaults below (seed 0). CPU float reductions depend on the machine and thread count, so a rerun gives
+close, not bit-identical, weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import procedural  # noqa: E402
+from models.dit import DiTFamily  # noqa: E402
+from models.feature_net import FeatureNet, frechet_distance, nhwc_to_nchw, save_feature_net  # noqa: E402
+from trainer.loss import NoiseSchedule, diffusion_loss  # noqa: E402
+
+IMAGE_SIZE = 16
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+SOURCE_DIT = dict(
+    num_attention_heads=4,
+    attention_head_dim=24,
+    in_channels=3,
+    out_channels=6,  # epsilon and the learned variance interpolation, as DiT
+    num_layers=6,
+    sample_size=IMAGE_SIZE,
+    patch_size=2,
+    num_embeds_ada_norm=procedural.NUM_CLASSES,  # the null class is id NUM_CLASSES (the table's extra row)
+    norm_num_groups=1,  # unused by DiT's blocks; kept consistent with the test models
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="assets/demo", help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=6000, help="source model training steps")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--feature-steps", type=int, default=600, help="feature net training steps")
+    parser.add_argument("--num-fid", type=int, default=1000, help="images per side of each sanity FID")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to rebuild it")
+    torch.set_num_threads(args.threads)
+    # Build into a temporary sibling and swap it in at the end: a failed run never leaves half an asset folder.
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    info: dict = {"seed": args.seed, "image_size": IMAGE_SIZE, "torch_threads": torch.get_num_threads()}
+
+    start = time.time()
+    net = train_feature_net(args.seed, args.feature_steps)
+    info["feature_net"] = {**net.config, "steps": args.feature_steps, "seconds": round(time.time() - start, 1)}
+    info["feature_net"]["held_out_accuracy"] = feature_net_accuracy(net, args.seed)
+    save_feature_net(net, tmp / "feature_net.pt")
+
+    start = time.time()
+    model = train_source_model(args.seed, args.steps, args.batch_size, args.lr)
+    info["source_model"] = {
+        "config": SOURCE_DIT,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seconds": round(time.time() - start, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    model.save_pretrained(tmp / "source_model" / "transformer")
+    DDPMScheduler(**SCHEDULE).save_pretrained(tmp / "source_model" / "scheduler")
+
+    family = DiTFamily(model, None, dict(DDPMScheduler(**SCHEDULE).config))
+    grid_labels = torch.arange(procedural.NUM_CLASSES).repeat_interleave(8)
+    save_grid(sample_images(family, grid_labels, seed=args.seed + 1), tmp / "source_samples.png", columns=8)
+    info["fid"] = sanity_fids(net, family, args.seed, args.num_fid)
+    (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(json.dumps(info, indent=2))
+
+
+# --- the source model ---------------------------------------------------------------------------------------------
+def train_source_model(seed: int, steps: int, batch_size: int, lr: float) -> DiTTransformer2DModel:
+    """DiT's objective on fresh SOURCE images every step; returns the EMA weights (decay 0.999)."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**SOURCE_DIT).train()
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0  # diffusers drops labels with torch.rand; we drop them below, seeded
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = NoiseSchedule(DDPMScheduler(**SCHEDULE).betas.numpy())
+    generator = torch.Generator().manual_seed(seed)
+    warmup, start, running = 200, time.time(), 0.0
+    for step in range(steps):
+        # Procedural data is unlimited: a fresh batch per step means the model cannot memorise its training set.
+        images, labels = procedural.make_images("source", batch_size, seed=1_000_000 + step, size=IMAGE_SIZE)
+        x0 = nhwc_to_nchw(images).float() / 127.5 - 1.0
+        labels = torch.from_numpy(labels)
+        dropped = torch.rand(batch_size, generator=generator) < 0.1
+        labels = torch.where(dropped, procedural.NUM_CLASSES, labels)
+        t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = schedule.add_noise(x0, noise, t)
+        output = model(x_t, timestep=t, class_labels=labels).sample
+        loss = diffusion_loss(output, x0, x_t, noise, t, schedule).mean()
+        # Linear warm-up, then cosine decay to 10%: a short run still ends on a low, stable learning rate.
+        progress = max(0.0, (step - warmup) / max(1, steps - warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))  # short warm-up so early EMA is not the random init
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            print(f"source model step {step + 1}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
+    return ema
+
+
+def sample_images(family: DiTFamily, labels: torch.Tensor, seed: int, num_steps: int = 50) -> np.ndarray:
+    """DDIM samples (class-conditional, no guidance) as uint8 [N, H, W, 3]."""
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for chunk in labels.split(250):
+        x = family.sample(family.denoiser, chunk, num_steps=num_steps, generator=generator)
+        chunks.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(chunks)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:
+    rows = len(images) // columns
+    size = images.shape[1]
+    grid = images[: rows * columns].reshape(rows, columns, size, size, 3).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * size, columns * size, 3)
+    Image.fromarray(grid).resize((columns * size * scale, rows * size * scale), Image.NEAREST).save(path)
+
+
+# --- the feature net ----------------------------------------------------------------------------------------------
+def feature_training_batch(num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (uint8 NCHW), class ids (domain * NUM_CLASSES + shape, or the last id for corrupted images),
+    attribute targets and a mask of the images whose attributes are defined (the clean ones)."""
+    rng = np.random.default_rng(seed)
+    images, classes, attributes = [], [], []
+    for index, domain in enumerate(procedural.DOMAINS):
+        values = procedural.sample_attributes(domain, num, seed)
+        images.append(procedural.render(values, IMAGE_SIZE))
+        classes.append(index * procedural.NUM_CLASSES + values["labels"])
+        attributes.append(procedural.normalised_attributes(values))
+    clean = np.concatenate(images)
+    corrupted = corrupt(clean[rng.permutation(len(clean))[: num // 2]], rng)
+    corrupted_class = len(procedural.DOMAINS) * procedural.NUM_CLASSES
+    all_images = np.concatenate([clean, corrupted])
+    all_classes = np.concatenate([*classes, np.full(len(corrupted), corrupted_class)])
+    all_attributes = np.concatenate([*attributes, np.zeros((len(corrupted), len(procedural.ATTRIBUTE_NAMES)))])
+    mask = np.arange(len(all_images)) < len(clean)
+    return (
+        nhwc_to_nchw(all_images),
+        torch.from_numpy(all_classes).long(),
+        torch.from_numpy(all_attributes).float(),
+        torch.from_numpy(mask),
+    )
+
+
+def corrupt(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a poor generator produces: noise, blur, blends of two images, or pure noise (a quarter each)."""
+    x = images.astype(np.float32) / 255.0
+    kind = rng.integers(0, 4, len(x))
+    noisy = x + rng.normal(0, 1, x.shape) * rng.uniform(0.08, 0.4, (len(x), 1, 1, 1))
+    half = IMAGE_SIZE // 2
+    blurred = x.reshape(len(x), half, 2, half, 2, 3).mean(axis=(2, 4)).repeat(2, axis=1).repeat(2, axis=2)
+    blended = 0.5 * (x + x[rng.permutation(len(x))])
+    pure = rng.uniform(0, 1, (len(x), 1, 1, 3)) + rng.normal(0, 1, x.shape) * rng.uniform(0.1, 0.5, (len(x), 1, 1, 1))
+    out = np.select([k == kind[:, None, None, None] for k in range(4)], [noisy, blurred, blended, pure])
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def train_feature_net(seed: int, steps: int, batch_size: int = 256) -> FeatureNet:
+    torch.manual_seed(seed)
+    net = FeatureNet(num_classes=len(procedural.DOMAINS) * procedural.NUM_CLASSES + 1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    images, classes, attributes, mask = feature_training_batch(8000, seed + 17)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        logits, predicted = net.heads(images[index])
+        regression = ((predicted - attributes[index]) ** 2).mean(dim=1)
+        loss = torch.nn.functional.cross_entropy(logits, classes[index])
+        loss = loss + 10.0 * (regression * mask[index]).sum() / mask[index].sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            print(f"feature net step {step + 1}/{steps} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def feature_net_accuracy(net: FeatureNet, seed: int) -> float:
+    images, classes, _, _ = feature_training_batch(1000, seed + 99)
+    logits, _ = net.heads(images)
+    return round(float((logits.argmax(dim=1) == classes).float().mean()), 4)
+
+
+# --- sanity numbers -----------------------------------------------------------------------------------------------
+def sanity_fids(net: FeatureNet, family: DiTFamily, seed: int, num: int) -> dict[str, float]:
+    """The Fréchet distances that say whether the assets make a meaningful demo."""
+
+    def real(domain: str, offset: int) -> torch.Tensor:
+        return nhwc_to_nchw(procedural.make_images(domain, num, seed=seed + offset, size=IMAGE_SIZE)[0])
+
+    source_a, target_a, target_b = real("source", 101), real("target", 102), real("target", 103)
+    source_b = real("source", 104)
+    labels = torch.arange(num) % procedural.NUM_CLASSES
+    samples = nhwc_to_nchw(sample_images(family, labels, seed=seed + 2))
+    noise = torch.randint(0, 256, source_a.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    fids = {
+        "target_real_vs_target_real": frechet_distance(net, target_a, target_b),
+        "source_real_vs_source_real": frechet_distance(net, source_a, source_b),
+        "source_real_vs_target_real": frechet_distance(net, source_a, target_a),
+        "source_samples_vs_source_real": frechet_distance(net, source_a, samples),
+        "source_samples_vs_target_real": frechet_distance(net, target_a, samples),
+        "noise_vs_source_real": frechet_distance(net, source_a, noise),
+    }
+    fids = {key: round(value, 3) for key, value in fids.items()}
+    fids["num_images_per_side"] = num
+    return fids
+
+
+if __name__ == "__main__":
+    main()
