@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,3 +49,31 @@ def load_micro_batch(plan: StepPlan, slots: np.ndarray, sources: dict[int, Seque
         null_condition=torch.from_numpy(plan.null_condition[slots]),
         is_bank=torch.from_numpy(plan.source[slots] == BANK),
     )
+
+
+class StepLoader:
+    """Reads the micro-batches of step k+1 on a background thread while step k computes.
+
+    Every step is a pure function of its number, so reading ahead changes nothing but the wait.
+    """
+
+    def __init__(self, planner, sources: dict[int, Sequence[dict]], slots_per_micro_step: list[np.ndarray]):
+        self.planner, self.sources, self.slots = planner, sources, slots_per_micro_step
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
+        self._ahead: tuple[int, Future] | None = None
+
+    def _read(self, step: int) -> list[MicroBatch]:
+        plan = self.planner.plan(step)
+        return [load_micro_batch(plan, slots, self.sources) for slots in self.slots]
+
+    def get(self, step: int) -> list[MicroBatch]:
+        """The micro-batches of `step`, then starts reading `step + 1`."""
+        if self._ahead is not None and self._ahead[0] == step:
+            batches = self._ahead[1].result()
+        else:
+            batches = self._read(step)
+        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        return batches
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.batch import MicroBatch, load_micro_batch
+from data.batch import MicroBatch, StepLoader
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, slot_ids
 from data.shards import ShardDataset
 from models import family_class
@@ -79,11 +79,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         for m in range(accumulation)
     ]
     n_target, n_bank = planner.num_target_slots, planner.num_bank_slots
+    loader = StepLoader(planner, sources, slots)
     stats = StepStats(device)
     for step in range(start, cfg.train.steps):
-        plan = stats.timed_data(planner.plan, step)
-        for micro_step in range(accumulation):
-            batch = stats.timed_data(load_micro_batch, plan, slots[micro_step], sources).to(device)
+        micro_batches = stats.timed_data(loader.get, step)
+        for micro_step, batch in enumerate(micro_batches):
+            batch = batch.to(device)
             losses = slot_losses(family, engine, batch, schedule, dtype)
             weights = source_weights(batch.is_bank, n_target, n_bank, cfg.method.bank_loss_weight).to(device)
             # DeepSpeed averages over ranks and accumulation steps; undo both to get the global weighted sum.
@@ -101,6 +102,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.steps:
             checkpoint.save(engine, ema, done, ckpt_root, rank)
         log.advance()
+    loader.close()
     log.close()
     if cfg.run.export:
         export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"))
@@ -199,7 +201,7 @@ class StepStats:
             "grad_norm": self.last_grad_norm,
             "lr": float(engine.get_lr()[0]),
             "images_per_second": self.images / elapsed,
-            "time/data_fraction": self.data_seconds / elapsed,
+            "time/data_wait_fraction": self.data_seconds / elapsed,  # reading is ahead: only the wait counts
         }
         for b in range(NUM_T_BUCKETS):
             count = sums[5 + NUM_T_BUCKETS + b]
