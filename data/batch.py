@@ -17,14 +17,19 @@ class MicroBatch:
     x0: torch.Tensor  # clean samples in the model's space (latents or pixels)
     noise: torch.Tensor
     t: torch.Tensor
-    label: torch.Tensor  # the source's label; replace by the null condition where `null_condition`
+    condition: dict[str, torch.Tensor]  # the family's condition fields (DiT: label), null where `null_condition`
     null_condition: torch.Tensor
     is_bank: torch.Tensor
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MicroBatch:
-        floats = {k: getattr(self, k).to(device, dtype) for k in ("x0", "noise")}
-        ints = {k: getattr(self, k).to(device) for k in ("t", "label", "null_condition", "is_bank")}
-        return MicroBatch(**floats, **ints)
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            x0=self.x0.to(device),
+            noise=self.noise.to(device),
+            t=self.t.to(device),
+            condition={k: v.to(device) for k, v in self.condition.items()},
+            null_condition=self.null_condition.to(device),
+            is_bank=self.is_bank.to(device),
+        )
 
 
 def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
@@ -32,8 +37,11 @@ def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
 
 
-def load_micro_batch(plan: StepPlan, slots: np.ndarray, sources: dict[int, Sequence[dict]]) -> MicroBatch:
-    """Reads the samples of `slots` from their sources (`{TARGET: dataset, BANK: dataset}`)."""
+def load_micro_batch(
+    plan: StepPlan, slots: np.ndarray, sources: dict[int, Sequence[dict]], condition_fields: Sequence[str] = ("label",)
+) -> MicroBatch:
+    """Reads the samples of `slots` from their sources (`{TARGET: dataset, BANK: dataset}`) and stacks the
+    clean sample (`x`, or `x_flip` where the slot flips), its noise and the condition fields."""
     samples = [sources[plan.source[s]][plan.index[s]] for s in slots]
     views = [
         sample["x_flip"] if flip and "x_flip" in sample else sample["x"]
@@ -45,7 +53,9 @@ def load_micro_batch(plan: StepPlan, slots: np.ndarray, sources: dict[int, Seque
         x0=x0,
         noise=noise,
         t=torch.from_numpy(plan.t[slots]),
-        label=torch.tensor([int(s.get("label", 0)) for s in samples], dtype=torch.long),
+        condition={
+            name: torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples])) for name in condition_fields
+        },
         null_condition=torch.from_numpy(plan.null_condition[slots]),
         is_bank=torch.from_numpy(plan.source[slots] == BANK),
     )
@@ -57,14 +67,21 @@ class StepLoader:
     Every step is a pure function of its number, so reading ahead changes nothing but the wait.
     """
 
-    def __init__(self, planner, sources: dict[int, Sequence[dict]], slots_per_micro_step: list[np.ndarray]):
+    def __init__(
+        self,
+        planner,
+        sources: dict[int, Sequence[dict]],
+        slots_per_micro_step: list[np.ndarray],
+        condition_fields: Sequence[str] = ("label",),
+    ):
         self.planner, self.sources, self.slots = planner, sources, slots_per_micro_step
+        self.condition_fields = tuple(condition_fields)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
         self._ahead: tuple[int, Future] | None = None
 
     def _read(self, step: int) -> list[MicroBatch]:
         plan = self.planner.plan(step)
-        return [load_micro_batch(plan, slots, self.sources) for slots in self.slots]
+        return [load_micro_batch(plan, slots, self.sources, self.condition_fields) for slots in self.slots]
 
     def get(self, step: int) -> list[MicroBatch]:
         """The micro-batches of `step`, then starts reading `step + 1`."""

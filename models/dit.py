@@ -90,8 +90,11 @@ class DiTFamily:
     def betas(self) -> np.ndarray:
         return DDPMScheduler.from_config(self.scheduler_config).betas.double().numpy()
 
-    def condition(self, labels: torch.Tensor, null_condition: torch.Tensor) -> torch.Tensor:
-        return torch.where(null_condition, self.null_condition, labels)
+    condition_fields = ("label",)  # the shard fields `condition` reads
+
+    def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> torch.Tensor:
+        """Class labels, with the null class where the slot's condition is null (bank, dropout)."""
+        return torch.where(null_condition, self.null_condition, fields["label"].long())
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor):
         return denoiser(x_t, timestep=t, class_labels=condition).sample

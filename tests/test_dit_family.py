@@ -57,7 +57,7 @@ def test_the_trainer_owns_label_dropout(pretrained):
         null = model(x, timestep=t, class_labels=torch.full((64,), 10)).sample
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, null)
-    dropped = family.condition(labels, torch.arange(64) % 2 == 0)
+    dropped = family.condition({"label": labels}, torch.arange(64) % 2 == 0)
     assert (dropped[::2] == 10).all() and torch.equal(dropped[1::2], labels[1::2])
 
 

@@ -79,7 +79,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         for m in range(accumulation)
     ]
     n_target, n_bank = planner.num_target_slots, planner.num_bank_slots
-    loader = StepLoader(planner, sources, slots)
+    loader = StepLoader(planner, sources, slots, family.condition_fields)
     stats = StepStats(device)
     for step in range(start, cfg.train.steps):
         micro_batches = stats.timed_data(loader.get, step)
@@ -112,7 +112,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
 def slot_losses(family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype):
     """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision)."""
     x_t = schedule.add_noise(batch.x0, batch.noise, batch.t)
-    condition = family.condition(batch.label, batch.null_condition)
+    condition = family.condition(batch.condition, batch.null_condition)
     output = family.predict(denoiser, x_t.to(dtype), batch.t, condition)
     return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule)
 
