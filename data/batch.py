@@ -20,6 +20,7 @@ class MicroBatch:
     condition: dict[str, torch.Tensor]  # the family's condition fields (DiT: label), null where `null_condition`
     null_condition: torch.Tensor
     is_bank: torch.Tensor
+    ids: np.ndarray  # (slot, source, index) of each sample: what was consumed, for the sample ledger
 
     def to(self, device: torch.device | str) -> MicroBatch:
         return MicroBatch(
@@ -29,6 +30,7 @@ class MicroBatch:
             condition={k: v.to(device) for k, v in self.condition.items()},
             null_condition=self.null_condition.to(device),
             is_bank=self.is_bank.to(device),
+            ids=self.ids,
         )
 
 
@@ -58,6 +60,7 @@ def load_micro_batch(
         },
         null_condition=torch.from_numpy(plan.null_condition[slots]),
         is_bank=torch.from_numpy(plan.source[slots] == BANK),
+        ids=np.stack([slots, plan.source[slots], plan.index[slots]], axis=1),
     )
 
 

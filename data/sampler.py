@@ -100,6 +100,9 @@ class GlobalBatchPlanner:
                 raise ValueError(f"the {name} timestep distribution is zero everywhere (tau={split.tau})")
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
+    def source_sizes_by_name(self) -> dict[str, int]:
+        return {"target": self.source_sizes[TARGET], "bank": self.source_sizes[BANK]}
+
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         key = (source, epoch)
         if key not in self._permutations:

@@ -1,4 +1,5 @@
-"""What every entry point shares: bad input becomes one clear line and exit status 2, not a traceback."""
+"""What every entry point shares: bad input becomes one clear line and exit status 2, not a traceback;
+a preempted run exits with the status the sbatch scripts requeue on."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ from collections.abc import Callable
 
 from data.shards import ShardError
 from trainer.config import ConfigError
+from trainer.loop import NonFiniteError
+from trainer.preemption import REQUEUE_EXIT_CODE, Preempted
 
 USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, ValueError)
 
 
 def run_guarded(job: Callable[[], object]) -> int:
+    rank = os.environ.get("RANK", "0")
     try:
         job()
     except USER_ERRORS as err:
-        rank = os.environ.get("RANK", "0")
         print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteError as err:
+        print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 1
+    except Preempted as note:
+        print(f"rank {rank}: {note}", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
     return 0

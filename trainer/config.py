@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16
+    max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
 
 
 @dataclass
@@ -103,8 +104,22 @@ class RunConfig:
     sample_every: int = 0  # 0: no sample grids during training
     sample_steps: int = 50  # DDIM steps of the sample grid
     num_sample_images: int = 16
+    keep_last: int = 3  # checkpoints kept (0: all); older ones go only after a newer one is complete
+    allow_plan_change: bool = False  # let --resume continue with other global-batch settings
     export: bool = True
     progress: bool = True
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection and tracing, for the robustness tests and for debugging a run."""
+
+    sample_ledger: bool = False  # every rank logs each consumed (step, slot, source, index) to ledger/
+    nan_at_step: int = -1  # make this step's loss NaN on rank `nan_rank` (and the next `nan_steps` - 1)
+    nan_steps: int = 1
+    nan_rank: int = 0
+    crash_in_save_step: int = -1  # rank `crash_rank` dies after writing its part of this step's checkpoint
+    crash_rank: int = 1
 
 
 @dataclass
@@ -117,6 +132,7 @@ class Config:
     bank: BankConfig = field(default_factory=BankConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def resolve_preset(name_or_path: str) -> Path:
@@ -181,6 +197,17 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
     if not 0.0 <= cfg.method.label_dropout < 1.0:
         raise ConfigError(f"method.label_dropout={cfg.method.label_dropout} must be in [0, 1)")
+
+
+def plan_settings(cfg: Config) -> dict:
+    """The settings that define the sequence of global batches: a resume must keep them."""
+    m = cfg.method
+    return {
+        "train.global_batch_size": cfg.train.global_batch_size, "train.seed": cfg.train.seed,
+        "method.bank_ratio": m.bank_ratio, "method.bank_count": m.bank_count, "method.tau": m.tau,
+        "method.timestep_weights": m.timestep_weights, "method.bank_tau": m.bank_tau,
+        "method.label_dropout": m.label_dropout,
+    }  # fmt: skip
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:

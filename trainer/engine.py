@@ -1,4 +1,4 @@
-"""The DeepSpeed engine, built from our config (ZeRO 0-3, fp32/bf16, accumulation, clipping, warm-up)."""
+"""The DeepSpeed engine, built from our config (ZeRO 0-3, fp32/bf16, accumulation, clipping)."""
 
 from __future__ import annotations
 
@@ -8,50 +8,36 @@ import deepspeed
 import torch
 
 from trainer.config import Config
+from trainer.optim import GuardedAdamW
 
 
-def deepspeed_config(cfg: Config, accumulation_steps: int) -> dict:
-    optim = cfg.optim
-    ds = {
+def deepspeed_config(cfg: Config, accumulation_steps: int, load_universal: bool = False) -> dict:
+    return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
-        "optimizer": {
-            "type": "AdamW",
-            # torch's AdamW: the same update on every accelerator, the CPU included.
-            "params": {
-                "lr": optim.lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-                "torch_adam": True,
-            },
-        },
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our AdamW subclass (trainer/optim.py)
         "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logger reports
         "wall_clock_breakdown": False,
     }
-    if optim.warmup_steps:
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": optim.lr,
-                "warmup_num_steps": optim.warmup_steps,
-                "warmup_type": "linear",
-            },
-        }
-    return ds
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, parameters: list, accumulation_steps: int):
+def build_engine(cfg: Config, module: torch.nn.Module, parameters: list, accumulation_steps: int, load_universal: bool):
+    """The engine and its (inner) optimizer, which takes the all-rank skip decision and sets the LR."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    optim = cfg.optim
+    optimizer = GuardedAdamW(
+        parameters, lr=optim.lr, warmup_steps=optim.warmup_steps, betas=tuple(optim.betas), eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )  # fmt: skip
     engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=parameters, config=deepspeed_config(cfg, accumulation_steps)
+        model=module, optimizer=optimizer, config=deepspeed_config(cfg, accumulation_steps, load_universal)
     )
-    return engine
+    return engine, optimizer
 
 
 def gradient_norm(engine, parameters: list) -> float | None:

@@ -156,10 +156,9 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
         generated, complete = (int(c) for c in counts.tolist())
         print(
             f"bank: {generated} samples generated ({complete} already complete) in {seconds:.2f} s "
-            f"on {world} rank(s): {generated / seconds:.2f} samples/s -> {directory}",
+            f"on {world} rank(s): {generated / max(seconds, 1e-9):.2f} samples/s -> {directory}",
             flush=True,
         )
-    distributed.barrier()
     return directory
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from data.batch import MicroBatch
+from trainer import distributed
+
+NUM_T_BUCKETS = 10
 
 
 class MetricsLogger:
@@ -77,3 +83,68 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         grid[top : top + h, left : left + w] = x[i].permute(1, 2, 0).numpy()
     return grid
+
+
+class StepStats:
+    """Local sums of one logging interval (losses by source and t-bucket, timings), reduced over ranks only
+    when reported."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.grad_norm: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        # total, target sum, target count, bank sum, bank count, then per t-bucket sums and counts
+        self.sums = torch.zeros(5 + 2 * NUM_T_BUCKETS, dtype=torch.float64, device=self.device)
+        self.data_seconds = self.step_seconds = 0.0
+        self.images = self.steps = 0
+        self.last_grad_norm: float | None = None
+        self.skipped_in_interval = 0
+        self.started = time.perf_counter()
+
+    def timed_data(self, fn, *args):
+        begin = time.perf_counter()
+        out = fn(*args)
+        self.data_seconds += time.perf_counter() - begin
+        return out
+
+    def add(self, losses: torch.Tensor, weights: torch.Tensor, batch: MicroBatch, num_timesteps: int) -> None:
+        losses, bank = losses.double(), batch.is_bank
+        bucket = (batch.t * NUM_T_BUCKETS // num_timesteps).to(self.device)
+        self.sums[0] += (losses * weights).sum()
+        self.sums[1] += losses[~bank].sum()
+        self.sums[2] += (~bank).sum()
+        self.sums[3] += losses[bank].sum()
+        self.sums[4] += bank.sum()
+        self.sums[5 : 5 + NUM_T_BUCKETS].index_add_(0, bucket, losses)
+        self.sums[5 + NUM_T_BUCKETS :].index_add_(0, bucket, torch.ones_like(losses))
+
+    def finish_step(self, engine, global_batch_size: int, skipped: bool = False) -> None:
+        if self.grad_norm is None:  # ZeRO and bf16 optimizers report the norm after their step
+            norm = engine.get_global_grad_norm()
+            self.grad_norm = None if norm is None else float(norm)
+        self.last_grad_norm = self.grad_norm
+        self.skipped_in_interval += int(skipped)
+        self.images += global_batch_size
+        self.steps += 1
+
+    def report(self, engine, skipped_total: int = 0) -> dict[str, float]:
+        """All-reduces the interval's sums (a collective) and returns the scalars to log."""
+        sums = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        elapsed = time.perf_counter() - self.started
+        values = {
+            "loss/total": sums[0] / self.steps,
+            "loss/target": sums[1] / sums[2] if sums[2] else None,
+            "loss/bank": sums[3] / sums[4] if sums[4] else None,
+            "grad_norm": self.last_grad_norm,
+            "skipped_steps": skipped_total,  # non-finite loss or gradient on some rank: nothing was updated
+            "lr": float(engine.get_lr()[0]),
+            "images_per_second": self.images / elapsed,
+            "time/data_wait_fraction": self.data_seconds / elapsed,  # reading is ahead: only the wait counts
+        }
+        for b in range(NUM_T_BUCKETS):
+            count = sums[5 + NUM_T_BUCKETS + b]
+            values[f"loss_t/{b:02d}"] = sums[5 + b] / count if count else None
+        self._reset()
+        return values

@@ -176,7 +176,6 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
             error = err
     if distributed.any_rank(error is not None, device):
         raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
-    distributed.barrier()
     return directory
 
 

@@ -1,0 +1,82 @@
+"""Everything a run checks and opens before its first step: bad input stops here, before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit
+from data.shards import ShardDataset
+from models import family_class
+from trainer.config import Config, ConfigError, plan_settings, to_yaml
+
+
+def load_family(cfg: Config):
+    return family_class(cfg.model.family).from_pretrained(
+        cfg.model.pretrained, vae=cfg.model.vae, num_classes=cfg.model.num_classes,
+        class_init=cfg.model.class_init, num_attention_heads=cfg.model.num_attention_heads, seed=cfg.train.seed,
+    )  # fmt: skip
+
+
+def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> GlobalBatchPlanner:
+    return GlobalBatchPlanner(
+        global_batch_size=cfg.train.global_batch_size, num_target=len(sources[TARGET]),
+        num_bank=len(sources[BANK]) if BANK in sources else 0, bank_ratio=cfg.method.bank_ratio,
+        bank_rounding=cfg.method.bank_count, label_dropout=cfg.method.label_dropout, seed=cfg.train.seed,
+        split=TimestepSplit(len(family.betas()), cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
+    )  # fmt: skip
+
+
+def run_plan(cfg: Config, planner: GlobalBatchPlanner) -> dict:
+    """The global-batch settings a resume must keep, the data set sizes included."""
+    return {**plan_settings(cfg), **{f"data.num_{k}": v for k, v in planner.source_sizes_by_name().items()}}
+
+
+def create_run_dir(run_dir: Path, cfg: Config, overwrite: bool) -> None:
+    """Rank 0, after every rank passed its checks."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def truncate_ledger(run_dir: Path, step: int) -> None:
+    """On resume, the ledger keeps what the checkpoint committed: the steps before `step`."""
+    for path in (run_dir / "ledger").glob("rank*.jsonl"):
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty: pass --resume to continue it, "
+            "--overwrite to replace it, or set run.dir to a new folder (nothing in it was touched)"
+        )
+
+
+def open_sources(cfg: Config, family) -> dict[int, ShardDataset]:
+    """Opens (and checks against their manifests) the target shards and, for Diff-Tuning, the bank."""
+    sources = {TARGET: ShardDataset(cfg.data.target, verify=cfg.data.verify)}
+    if cfg.method.bank_ratio > 0:
+        sources[BANK] = ShardDataset(cfg.data.bank, verify=cfg.data.verify)
+    for source, key in ((TARGET, "data.target"), (BANK, "data.bank")):
+        if source not in sources:
+            continue
+        dataset = sources[source]
+        shape = tuple(np.shape(dataset[0]["x"])) if "x" in dataset.manifest.fields and len(dataset) else None
+        if shape != tuple(family.sample_shape):
+            raise ConfigError(
+                f"{key}: the samples' field 'x' has shape {shape} but the model expects "
+                f"{tuple(family.sample_shape)}: prepare the shards with this model's VAE and resolution"
+            )
+    classes = sources[TARGET].manifest.meta.get("classes")
+    if classes is not None and len(classes) > family.null_condition:
+        raise ConfigError(
+            f"the target data has {len(classes)} classes but the model's label space has "
+            f"{family.null_condition}: set model.num_classes={len(classes)}"
+        )
+    return sources
