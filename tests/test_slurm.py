@@ -18,11 +18,11 @@ def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 
 
-def dry_run(script: str, *args: str, **env: str) -> str:
+def dry_run(script: str, *args: str, expect: int = 0, **env: str) -> str:
     env = {**os.environ, **ALLOCATION, "DRY_RUN": "1", "CONFIG": "dit_xl2_paper", **env}
     env.pop("MASTER_ADDR", None), env.pop("MASTER_PORT", None)
     proc = subprocess.run(["bash", str(ROOT / script), *args], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == expect, proc.stderr
     return proc.stdout
 
 
@@ -36,7 +36,8 @@ def test_train_dry_run_with_srun():
 def test_preempted_training_is_requeued():
     out = dry_run("launch/slurm/train.sbatch", "run.dir=/runs/a", DRY_RUN_STATUS="75")
     assert "scontrol requeue 4242" in out
-    assert "scontrol requeue" not in dry_run("launch/slurm/train.sbatch", "run.dir=/runs/a", DRY_RUN_STATUS="1")
+    failed = dry_run("launch/slurm/train.sbatch", "run.dir=/runs/a", expect=1, DRY_RUN_STATUS="1")
+    assert "launch/train.py" in failed and "scontrol requeue" not in failed  # a failure is not requeued
 
 
 def test_bank_dry_run_with_the_deepspeed_launcher():
