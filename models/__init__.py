@@ -1,6 +1,7 @@
 """Model families. Each is one module behind the same small interface (see `models/dit.py`):
 `from_pretrained`, `denoiser`, `sample_shape`, `null_condition`, `betas`, `condition_fields`, `condition`,
-`predict`, `tunable_parameters`, `denoiser_from_state_dict`, `sample`, `export`. The trainer looks families up here.
+`predict`, `tunable_parameters`, `place_frozen`, `denoiser_from_state_dict`, `sample`, `preview`,
+`export`. The trainer looks families up here.
 """
 
 from __future__ import annotations

@@ -102,6 +102,11 @@ class DiTFamily:
     def tunable_parameters(self, denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in denoiser.parameters() if p.requires_grad]
 
+    def place_frozen(self, device: torch.device) -> None:
+        """Moves the parts that do not train (the VAE) to the device the denoiser trains on."""
+        if self.vae is not None:
+            self.vae.to(device)
+
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> DiTTransformer2DModel:
         """A plain copy of the transformer with other weights (EMA, gathered raw weights)."""
         model = DiTTransformer2DModel.from_config(self.transformer.config)
@@ -152,7 +157,13 @@ class DiTFamily:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
+        latents = latents.to(self.vae.device, self.vae.dtype)
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
+        """A fixed set of samples (classes in turn, fixed noise) for the grids logged during training."""
+        labels = torch.arange(num_images) % self.null_condition
+        return self.sample(denoiser, labels, num_steps=num_steps, generator=torch.Generator().manual_seed(seed))
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """A diffusers folder: a full `DiTPipeline` when there is a VAE, else transformer + scheduler."""

@@ -53,8 +53,8 @@ def check_bank_config(bank: BankConfig) -> None:
     for key in ("num_samples", "samples_per_shard", "batch_size", "num_steps"):
         if getattr(bank, key) < 1:
             raise ConfigError(f"bank.{key}={getattr(bank, key)} must be at least 1")
-    if bank.preview < 0:
-        raise ConfigError(f"bank.preview={bank.preview} must be >= 0 (0: no preview grid)")
+    if bank.preview < 0 or bank.seed < 0:
+        raise ConfigError(f"bank.preview={bank.preview} and bank.seed={bank.seed} must be >= 0 (preview 0: no grid)")
 
 
 def sample_start(seed: int, index: int, num_classes: int, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:

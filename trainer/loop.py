@@ -61,6 +61,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     distributed.barrier()
 
     schedule = NoiseSchedule(family.betas())
+    family.place_frozen(device)
     ema = EMA(family.denoiser, cfg.optim.ema_decay, device)
     parameters = family.tunable_parameters(family.denoiser)
     engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal)
@@ -179,10 +180,7 @@ def sample_grid(family, ema: EMA, cfg: Config, log: MetricsLogger, step: int, de
     if rank != 0:
         return
     model = family.denoiser_from_state_dict(ema.state_dict()).to(device)
-    labels = torch.arange(cfg.run.num_sample_images) % family.null_condition
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    images = family.sample(model, labels, num_steps=cfg.run.sample_steps, generator=generator)
-    log.images(step, images)
+    log.images(step, family.preview(model, cfg.run.num_sample_images, cfg.run.sample_steps, seed=cfg.train.seed))
 
 
 def export(family, engine, ema: EMA, run_dir: Path, rank: int, class_names) -> None:

@@ -122,6 +122,8 @@ def prepare_data(cfg: Config) -> Path:
     for key in ("resolution", "samples_per_shard", "batch_size"):
         if getattr(cfg.prepare, key) < 1:
             raise ConfigError(f"prepare.{key}={getattr(cfg.prepare, key)} must be at least 1")
+    if cfg.prepare.seed < 0:
+        raise ConfigError(f"prepare.seed={cfg.prepare.seed} must be >= 0")
     rank, world, device = distributed.init()
     try:
         return _prepare_data(cfg, rank, world, device)
