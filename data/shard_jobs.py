@@ -10,9 +10,10 @@ folder never mixes shards of two configurations. The manifest comes last, once e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import secrets
+import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from data.files import atomic_write_bytes, fsync_dir
-from data.shards import MANIFEST_NAME, ShardError, ShardRecord, shard_name, write_manifest, write_shard
+from data.formats import FORMATS, ShardFormat
+from data.shards import MANIFEST_NAME, ShardError, ShardRecord, write_manifest
 
 JOB_NAME = "job.json"
 SIDECAR_SUFFIX = ".json"
@@ -29,14 +31,6 @@ SIDECAR_SUFFIX = ".json"
 def derived_seed(*keys: int) -> int:
     """A 63-bit seed that depends only on `keys` (e.g. (job seed, sample index)), never on a rank's stream."""
     return int(np.random.default_rng([int(k) for k in keys]).integers(2**63))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_ranges(num_samples: int, per_shard: int) -> list[range]:
@@ -52,32 +46,32 @@ def owned_shards(num_shards: int, rank: int, world: int) -> list[int]:
     return list(range(rank, num_shards, world))
 
 
-def sidecar_path(directory: str | Path, shard_id: int) -> Path:
-    return Path(directory) / (shard_name(shard_id) + SIDECAR_SUFFIX)
+WDS = FORMATS["wds"]
 
 
-def read_sidecar(directory: str | Path, shard_id: int) -> ShardRecord | None:
+def sidecar_path(directory: str | Path, shard_id: int, fmt: ShardFormat = WDS) -> Path:
+    return Path(directory) / (fmt.shard_name(shard_id) + SIDECAR_SUFFIX)
+
+
+def read_sidecar(directory: str | Path, shard_id: int, fmt: ShardFormat = WDS) -> ShardRecord | None:
     """The shard's record, or None when the sidecar is missing or unreadable (the shard is then rebuilt)."""
     try:
-        return ShardRecord(**json.loads(sidecar_path(directory, shard_id).read_text(encoding="utf-8")))
+        return ShardRecord(**json.loads(sidecar_path(directory, shard_id, fmt).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def is_complete(directory: str | Path, shard_id: int, indices: range | None = None) -> bool:
-    """True iff the sidecar exists, names this shard (and range) and the file's size and sha256 match it."""
-    record = read_sidecar(directory, shard_id)
-    if record is None or record.name != shard_name(shard_id):
+def is_complete(directory: str | Path, shard_id: int, indices: range | None = None, fmt: ShardFormat = WDS) -> bool:
+    """True iff the sidecar exists, names this shard (and range) and the shard's size and sha256 match it."""
+    record = read_sidecar(directory, shard_id, fmt)
+    if record is None or record.name != fmt.shard_name(shard_id):
         return False
     if indices is not None and (record.first_index, record.num_samples) != (indices.start, len(indices)):
         return False
-    path = Path(directory) / record.name
     try:
-        if path.stat().st_size != record.num_bytes:
-            return False
-    except OSError:
+        return fmt.digest(Path(directory) / record.name) == (record.num_bytes, record.sha256)
+    except (OSError, ShardError):
         return False
-    return file_sha256(path) == record.sha256
 
 
 def remove_leftovers(directory: str | Path, name: str) -> None:
@@ -88,44 +82,70 @@ def remove_leftovers(directory: str | Path, name: str) -> None:
         return
     for entry in os.listdir(directory):
         if entry.startswith(f".{name}."):
-            (directory / entry).unlink(missing_ok=True)
+            if (directory / entry).is_dir():  # an MDS shard is a directory
+                shutil.rmtree(directory / entry, ignore_errors=True)
+            else:
+                (directory / entry).unlink(missing_ok=True)
 
 
 def write_owned_shard(
-    directory: str | Path, shard_id: int, samples: Iterable[dict], fields: dict[str, str], first_index: int
+    directory: str | Path,
+    shard_id: int,
+    samples: Iterable[dict],
+    fields: dict[str, str],
+    first_index: int,
+    fmt: ShardFormat = WDS,
 ) -> ShardRecord:
     """(Re)writes one shard atomically, then its sidecar: a kill at any point leaves the shard incomplete."""
     directory = Path(directory)
-    name = shard_name(shard_id)
+    name = fmt.shard_name(shard_id)
     remove_leftovers(directory, name)
     remove_leftovers(directory, name + SIDECAR_SUFFIX)
     # The old sidecar goes first: a stale record must never vouch for a shard being rewritten.
-    sidecar_path(directory, shard_id).unlink(missing_ok=True)
-    record = write_shard(directory / name, samples, fields, first_index)
-    atomic_write_bytes(sidecar_path(directory, shard_id), _json_bytes(asdict(record)))
+    sidecar_path(directory, shard_id, fmt).unlink(missing_ok=True)
+    record = fmt.write_shard(directory / name, samples, fields, first_index)
+    atomic_write_bytes(sidecar_path(directory, shard_id, fmt), _json_bytes(asdict(record)))
     return record
 
 
-def incomplete_shards(directory: str | Path, num_samples: int, per_shard: int) -> list[int]:
+def shards_to_build(
+    directory: str | Path, ranges: list[range], rank: int, world: int, fmt: ShardFormat = WDS
+) -> list[int]:
+    """The shards of `rank` that are missing or incomplete. Also deletes temporaries a killed run left
+    behind for any shard of this rank, complete or not: only this rank writes them."""
+    owned = owned_shards(len(ranges), rank, world)
+    for j in owned:
+        remove_leftovers(directory, fmt.shard_name(j))
+        remove_leftovers(directory, fmt.shard_name(j) + SIDECAR_SUFFIX)
+    return [j for j in owned if not is_complete(directory, j, ranges[j], fmt)]
+
+
+def incomplete_shards(directory: str | Path, num_samples: int, per_shard: int, fmt: ShardFormat = WDS) -> list[int]:
     ranges = shard_ranges(num_samples, per_shard)
-    return [j for j, indices in enumerate(ranges) if not is_complete(directory, j, indices)]
+    return [j for j, indices in enumerate(ranges) if not is_complete(directory, j, indices, fmt)]
 
 
 def merge_manifest(
-    directory: str | Path, num_samples: int, per_shard: int, fields: dict[str, str], meta: dict | None = None
+    directory: str | Path,
+    num_samples: int,
+    per_shard: int,
+    fields: dict[str, str],
+    meta: dict | None = None,
+    fmt: ShardFormat = WDS,
 ) -> Path:
-    """Writes manifest.json from the sidecars once every shard is complete; refuses (naming them) otherwise."""
+    """Writes manifest.json from the sidecars once every shard is complete; refuses (naming them) otherwise.
+    The manifest records the format, so that readers open the set the way it was written."""
     directory = Path(directory)
-    missing = incomplete_shards(directory, num_samples, per_shard)
+    missing = incomplete_shards(directory, num_samples, per_shard, fmt)
     if missing:
-        names = ", ".join(shard_name(j) for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        names = ", ".join(fmt.shard_name(j) for j in missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise ShardError(
             f"{directory}: {len(missing)} shard(s) are missing or incomplete ({names}); "
             "re-run the same job to build them, then the manifest is written"
         )
     remove_leftovers(directory, MANIFEST_NAME)
-    records = [read_sidecar(directory, j) for j in range(len(shard_ranges(num_samples, per_shard)))]
-    return write_manifest(directory, records, fields, meta)
+    records = [read_sidecar(directory, j, fmt) for j in range(len(shard_ranges(num_samples, per_shard)))]
+    return write_manifest(directory, records, fields, {**(meta or {}), "format": fmt.name})
 
 
 def claim_directory(directory: str | Path, job: dict, key: str = "the output folder") -> None:
@@ -136,14 +156,20 @@ def claim_directory(directory: str | Path, job: dict, key: str = "the output fol
     job = json.loads(_json_bytes(job))  # tuples -> lists, so that a recorded job compares equal
     path = directory / JOB_NAME
     if not path.exists():
-        if directory.is_dir() and any(not entry.startswith(".") for entry in os.listdir(directory)):
+        entries = [entry for entry in os.listdir(directory) if not entry.startswith(".")] if directory.is_dir() else []
+        # Listed before looking for job.json again: a rank that just claimed the folder wrote job.json
+        # before any shard, so files seen while job.json is still absent were there before this job.
+        if entries and not path.exists():
             raise ShardError(
                 f"{key}={directory} already holds files but no {JOB_NAME}, so it was not written by this job: "
                 "pick a new (or empty) folder; nothing in it was touched"
             )
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{JOB_NAME}.{os.getpid()}.tmp"
-        tmp.write_bytes(_json_bytes(job))
+        tmp = directory / f".{JOB_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique across nodes too
+        with open(tmp, "wb") as file:
+            file.write(_json_bytes(job))
+            file.flush()
+            os.fsync(file.fileno())
         try:
             os.link(tmp, path)  # fails if another rank won the race: then compare with its (equal) record
             fsync_dir(directory)

@@ -227,7 +227,7 @@ def write_shard(path: str | Path, samples: Iterable[dict], fields: dict[str, str
 
     _atomic_write(path, write)
     # Hash what reached the disk (fresh in the page cache), not what we meant to write.
-    return ShardRecord(path.name, first_index, num_samples, path.stat().st_size, _sha256_file(path))
+    return ShardRecord(path.name, first_index, num_samples, path.stat().st_size, file_sha256(path))
 
 
 def write_manifest(
@@ -282,7 +282,7 @@ def read_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(_HASH_CHUNK_BYTES):
@@ -297,7 +297,7 @@ def _check_file(path: Path, record: ShardRecord, verify: str) -> None:
         raise _bad_shard(
             path, f"has {path.stat().st_size} bytes but the manifest says {record.num_bytes} (truncated or changed)"
         )
-    if verify == "sha256" and _sha256_file(path) != record.sha256:
+    if verify == "sha256" and file_sha256(path) != record.sha256:
         raise _bad_shard(path, "fails its sha256 check against the manifest (corrupt or changed)")
 
 

@@ -1,5 +1,5 @@
 """What every entry point shares: bad input becomes one clear line and exit status 2, not a traceback;
-a preempted run exits with the status the sbatch scripts requeue on."""
+a preempted run exits with the status the sbatch scripts requeue on; the process ends cleanly."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from data.shards import ShardError
+from trainer import distributed
 from trainer.config import ConfigError
 from trainer.loop import NonFiniteError
 from trainer.preemption import REQUEUE_EXIT_CODE, Preempted
@@ -29,3 +30,12 @@ def run_guarded(job: Callable[[], object]) -> int:
         print(f"rank {rank}: {note}", file=sys.stderr, flush=True)
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def exit_process(status: int) -> None:
+    """Ends an entry point: leaves the process group, flushes, and exits without the interpreter's teardown,
+    where gloo's C++ threads can abort a finished run (SIGABRT seen after successful multi-rank runs)."""
+    distributed.destroy()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -13,14 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.common import run_guarded  # noqa: E402
+from launch.common import exit_process, run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.prepare import prepare_data  # noqa: E402
 
 PREPARE_KEYS = ("model.pretrained", "prepare.images", "data.target")
-# Preparing reads no method.* setting, but check_config wants a bank whenever bank_ratio > 0: without this
-# default (which the user's own overrides still beat) a training preset could not be reused here.
-PREPARE_DEFAULTS = ["method.bank_ratio=0"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. prepare.resolution=256")
     args = parser.parse_args(argv)
-    overrides = PREPARE_DEFAULTS + args.overrides
-    return run_guarded(lambda: prepare_data(load_config(args.config, overrides, PREPARE_KEYS)))
+    return run_guarded(lambda: prepare_data(load_config(args.config, args.overrides, PREPARE_KEYS)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

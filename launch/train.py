@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.common import run_guarded  # noqa: E402
+from launch.common import exit_process, run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 TRAIN_KEYS = ("model.pretrained", "data.target")
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,9 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a launched job: one thread per process (two ranks on two cores would otherwise
+    oversubscribe the machine many times), and none of the rendezvous variables that in-process tests set
+    in this process (a child would try to bind this process's port)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def run_entry(script: str, args: list[str], num_procs: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs `launch/<script>` as users do: one plain process, or `deepspeed --num_gpus N` on the CPU."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = child_env()
     if num_procs == 1:
         command = [sys.executable, str(ROOT / "launch" / script)]
     else:

@@ -54,7 +54,16 @@ def test_target_classes_do_not_fit_the_label_space(tiny, tmp_path, capsys):
     assert "target data has 4 classes" in err and "model.num_classes=4" in err
 
 
-@pytest.mark.parametrize("damage", ["flipped_byte", "count"])
+def member_boundary(shard) -> int:
+    """The byte offset where the shard's second sample begins (tar headers are 512-byte blocks)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    return members[2].offset  # two members (x, label) per sample
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "count", "truncated_mid_member", "truncated_at_boundary"])
 def test_shard_disagreeing_with_manifest(tiny, tmp_path, capsys, damage):
     target = tmp_path / "target"
     shutil.copytree(tiny["target"], target)
@@ -64,6 +73,11 @@ def test_shard_disagreeing_with_manifest(tiny, tmp_path, capsys, damage):
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
         expected = "sha256"
+    elif damage.startswith("truncated"):
+        data = shard.read_bytes()
+        cut = member_boundary(shard) if damage == "truncated_at_boundary" else len(data) // 2 + 7
+        shard.write_bytes(data[:cut])
+        expected = "bytes"
     else:
         manifest = json.loads((target / "manifest.json").read_text())
         manifest["shards"][1]["num_samples"] -= 1
@@ -73,6 +87,12 @@ def test_shard_disagreeing_with_manifest(tiny, tmp_path, capsys, damage):
         expected = "manifest says 15"
     err = train_error(capsys, train_args(tiny, tmp_path / "run", f"data.target={target}"))
     assert "shard-000001.tar" in err and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_diff_tuning_without_a_bank(tiny, tmp_path, capsys):
+    err = train_error(capsys, train_args(tiny, tmp_path / "run", "data.bank=null"))
+    assert "method.bank_ratio=0.5 needs a memory bank: set data.bank=" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -41,7 +41,6 @@ def test_overrides_are_typed():
         ("train.zero_stage=4", "ZeRO stages are 0, 1, 2, 3"),
         ("train.precision=fp8", "train.precision='fp8' is not one of"),
         ("method.bank_ratio=1.0", r"method.bank_ratio=1.0 must be in \[0, 1\)"),
-        ("data.bank=null", "needs a memory bank: set data.bank="),
         ("model.class_init=copy", "model.class_init='copy' is not one of"),
     ],
 )

@@ -19,11 +19,12 @@ from data.shard_jobs import (
     merge_manifest,
     owned_shards,
     shard_ranges,
+    shards_to_build,
     sidecar_path,
     write_owned_shard,
 )
 from data.shards import MANIFEST_NAME, ShardDataset, ShardError, shard_name
-from tests.conftest import ROOT, assert_ok, read_metrics, run_entry, train_args
+from tests.conftest import ROOT, assert_ok, child_env, read_metrics, run_entry, train_args
 
 # 11 shards of 3 (the last of 2) in batches of 2: batches are cut inside shards, and 40 DDIM steps make
 # the run slow enough (~1 s on one CPU thread) to be killed between two shards.
@@ -106,6 +107,14 @@ def test_completeness_needs_sidecar_size_and_hash(tmp_path):
         merge_manifest(tmp_path, 7, 3, FIELDS)
     assert not (tmp_path / MANIFEST_NAME).exists()
     write_all(tmp_path)
+    (tmp_path / shard_name(3)).write_bytes(b"not in this set")  # only listed shards count
+    (tmp_path / f".{shard_name(0)}.77.ab.tmp").write_bytes(b"a killed writer's leftover")
+    (tmp_path / f".{shard_name(1)}.json.tmp-77").write_bytes(b"{")
+    sidecar_path(tmp_path, 2).unlink()
+    assert shards_to_build(tmp_path, shard_ranges(7, 3), rank=0, world=2) == [2]  # rank 0 owns shards 0 and 2
+    assert leftovers(tmp_path) == [f".{shard_name(1)}.json.tmp-77"]  # rank 1's, left to rank 1
+    assert shards_to_build(tmp_path, shard_ranges(7, 3), rank=1, world=2) == [] and leftovers(tmp_path) == []
+    write_all(tmp_path)
     merge_manifest(tmp_path, 7, 3, FIELDS, {"kind": "test"})
     assert [ShardDataset(tmp_path)[i]["v"] for i in range(7)] == list(range(7))
 
@@ -153,7 +162,7 @@ def test_two_processes_write_the_same_bank_as_one(reference, tiny, tmp_path):
 @slow
 def test_killed_run_resumes_where_it_stopped(reference, tiny, tmp_path):
     directory = tmp_path / "bank"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     command = [sys.executable, str(ROOT / "launch" / "generate_bank.py"), *bank_args(tiny, directory)]
     job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

@@ -4,7 +4,6 @@ non-finite steps. Real processes on the CPU (DeepSpeed launcher or torchrun, glo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ok, free_port, read_metrics, run_entry, train_args
+from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry, train_args
 from tests.test_train_distributed import exported
 from trainer.preemption import REQUEUE_EXIT_CODE
 
@@ -50,7 +49,7 @@ def assert_identical_runs(a: Path, b: Path, rtol: float = 1e-6) -> None:
 
 
 def start(args: list[str], num_procs: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = child_env()
     launcher = str(Path(sys.executable).parent / "deepspeed")
     command = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), "launch/train.py", *args]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -144,7 +143,7 @@ def test_two_nodes_started_like_slurm(tiny, tmp_path):
     assert_ok(run_entry("train.py", train_args(tiny, single, *common), num_procs=2))
     port = free_port()
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = child_env()
     procs = [
         subprocess.Popen(
             [
@@ -229,3 +228,18 @@ def test_consecutive_nans_stop_the_run_with_the_step(tiny, tmp_path):
     proc = run_entry("train.py", train_args(tiny, tmp_path / "run", *args), num_procs=2)
     assert proc.returncode == 1
     assert "step 4: 3 consecutive steps had a non-finite loss or gradient" in proc.stderr
+
+
+def test_shard_truncated_while_training_is_named(tiny, tmp_path):
+    import shutil
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny["target"], target)
+    run = tmp_path / "run"
+    launcher = start(train_args(tiny, run, *LONG, f"data.target={target}", "train.steps=100000"), num_procs=2)
+    wait_for_checkpoint(run, launcher, 10)
+    shard = target / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:7000])  # cut inside a member, under the running job
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode != 0
+    assert "shard-000001.tar" in output and "truncated" in output

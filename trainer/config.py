@@ -34,6 +34,8 @@ class DataConfig:
     target: str = ""  # shard directory of the target data
     bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0
     verify: str = "sha256"  # sha256 | size | none: how shards are checked against the manifest at start-up
+    format: str = "wds"  # wds (webdataset tars) | mds (mosaicml-streaming) for the shards the jobs write;
+    # readers take the format from the manifest
 
 
 @dataclass
@@ -181,6 +183,7 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.model.family, ("dit",), "model.family")
     _choice(cfg.model.class_init, ("reuse", "fresh"), "model.class_init")
     _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
+    _choice(cfg.data.format, ("wds", "mds"), "data.format")
     _choice(cfg.method.bank_count, ("round", "floor"), "method.bank_count")
     _choice(cfg.method.timestep_weights, ("complement", "mirrored"), "method.timestep_weights")
     _choice(cfg.train.precision, ("fp32", "bf16"), "train.precision")
@@ -188,11 +191,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if not 0.0 <= cfg.method.bank_ratio < 1.0:
         raise ConfigError(f"method.bank_ratio={cfg.method.bank_ratio} must be in [0, 1)")
-    if cfg.method.bank_ratio > 0 and not cfg.data.bank:
-        raise ConfigError(
-            f"method.bank_ratio={cfg.method.bank_ratio} needs a memory bank: set data.bank=/path/to/bank "
-            "(made by launch/generate_bank.py), or method.bank_ratio=0 for plain fine-tuning"
-        )
     if cfg.train.global_batch_size < 1 or cfg.train.micro_batch_size < 1:
         raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
     if not 0.0 <= cfg.method.label_dropout < 1.0:

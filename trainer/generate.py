@@ -21,15 +21,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.files import atomic_write_bytes
+from data.formats import open_shard_set, shard_format
 from data.shard_jobs import (
     claim_directory,
-    is_complete,
     merge_manifest,
-    owned_shards,
     shard_ranges,
+    shards_to_build,
     write_owned_shard,
 )
-from data.shards import ShardDataset, ShardError
+from data.shards import ShardError
 from models import family_class
 from trainer import distributed
 from trainer.config import BankConfig, Config, ConfigError
@@ -91,10 +91,7 @@ def generate_bank(cfg: Config) -> Path:
     """Fills cfg.data.bank with cfg.bank.num_samples samples of the pre-trained model; returns the folder."""
     check_bank_config(cfg.bank)
     rank, world, device = distributed.init()
-    try:
-        return _generate_bank(cfg, rank, world, device)
-    finally:
-        distributed.destroy()  # a process group left to interpreter exit can abort in gloo's threads
+    return _generate_bank(cfg, rank, world, device)
 
 
 def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
@@ -111,24 +108,24 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
         **{key: getattr(bank, key) for key in ("num_samples", "samples_per_shard", "batch_size", "num_steps")},
         "guidance_scale": bank.guidance_scale,
         "seed": bank.seed,
+        "format": cfg.data.format,
     }
     claim_directory(directory, job, "data.bank")  # every rank reads the same job.json: all fail alike
 
     ranges = shard_ranges(bank.num_samples, bank.samples_per_shard)
-    owned = owned_shards(len(ranges), rank, world)
-    todo = [j for j in owned if not is_complete(directory, j, ranges[j])]
+    fmt = shard_format(cfg.data.format)
+    todo = shards_to_build(directory, ranges, rank, world, fmt)
     num_todo = sum(len(ranges[j]) for j in todo)
     denoiser = family.denoiser.to(device).eval()
     bar = tqdm(total=num_todo, desc=f"bank (rank 0 of {world})", unit="sample", disable=rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     for j in todo:
         samples = bank_samples(family, denoiser, ranges[j], bank, bar.update)
-        write_owned_shard(directory, j, samples, BANK_FIELDS, ranges[j].start)
+        write_owned_shard(directory, j, samples, BANK_FIELDS, ranges[j].start, fmt)
     bar.close()
     distributed.barrier()
     seconds = time.perf_counter() - started
-    num_skipped = sum(len(ranges[j]) for j in owned) - num_todo
-    counts = distributed.all_reduce_sum(torch.tensor([num_todo, num_skipped], dtype=torch.float64, device=device))
+    generated = int(distributed.all_reduce_sum(torch.tensor([num_todo], dtype=torch.float64, device=device)).item())
 
     meta = {
         "kind": "bank",
@@ -145,7 +142,7 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
     error = None
     if rank == 0:
         try:
-            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, BANK_FIELDS, meta)
+            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, BANK_FIELDS, meta, fmt)
             if bank.preview:
                 write_preview(family, directory, bank.preview, device)
         except ShardError as err:
@@ -153,9 +150,8 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
     if distributed.any_rank(error is not None, device):  # so that no rank waits for a rank 0 that failed
         raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
     if rank == 0:
-        generated, complete = (int(c) for c in counts.tolist())
         print(
-            f"bank: {generated} samples generated ({complete} already complete) in {seconds:.2f} s "
+            f"bank: {generated} samples generated ({bank.num_samples - generated} already complete) in {seconds:.2f} s "
             f"on {world} rank(s): {generated / max(seconds, 1e-9):.2f} samples/s -> {directory}",
             flush=True,
         )
@@ -164,7 +160,7 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
 
 def write_preview(family, directory: Path, num_images: int, device: torch.device) -> Path:
     """A decoded grid of the first samples, for a human to look at (rank 0; not read by any job)."""
-    dataset = ShardDataset(directory, verify="none")  # just checked by merge_manifest
+    dataset = open_shard_set(directory, verify="none")  # just checked by merge_manifest
     x = torch.from_numpy(np.stack([dataset[i]["x"] for i in range(min(num_images, len(dataset)))]))
     dataset.close()
     if family.vae is None:

@@ -19,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 from data.files import atomic_write_bytes
+from data.formats import shard_format
 from data.images import ImageFolderListing, check_image, find_unreadable, hflip, list_image_folder, load_images
 from data.shard_jobs import (
     claim_directory,
     derived_seed,
-    is_complete,
     merge_manifest,
-    owned_shards,
     shard_ranges,
+    shards_to_build,
     write_owned_shard,
 )
 from data.shards import ShardError
@@ -125,10 +125,7 @@ def prepare_data(cfg: Config) -> Path:
     if cfg.prepare.seed < 0:
         raise ConfigError(f"prepare.seed={cfg.prepare.seed} must be >= 0")
     rank, world, device = distributed.init()
-    try:
-        return _prepare_data(cfg, rank, world, device)
-    finally:
-        distributed.destroy()  # a process group left to interpreter exit can abort in gloo's threads
+    return _prepare_data(cfg, rank, world, device)
 
 
 def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
@@ -145,6 +142,7 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
         "encoder_sha256": None if family.vae is None else state_sha256(family.vae),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "hflip", "seed")},
+        "format": cfg.data.format,
     }
     claim_directory(directory, job, "data.target")
     if family.vae is not None:
@@ -159,12 +157,13 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
         raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.files)} images can be read")
     fields = target_fields(prepare.hflip)
     ranges = shard_ranges(len(files), prepare.samples_per_shard)
-    todo = [j for j in owned_shards(len(ranges), rank, world) if not is_complete(directory, j, ranges[j])]
+    fmt = shard_format(cfg.data.format)
+    todo = shards_to_build(directory, ranges, rank, world, fmt)
     total = sum(len(ranges[j]) for j in todo)
     bar = tqdm(total=total, desc=f"prepare (rank 0 of {world})", unit="image", disable=rank != 0, dynamic_ncols=True)
     for j in todo:
         samples = target_samples(family, listing, files, ranges[j], prepare, device, bar.update)
-        write_owned_shard(directory, j, samples, fields, ranges[j].start)
+        write_owned_shard(directory, j, samples, fields, ranges[j].start, fmt)
     bar.close()
     distributed.barrier()
 
@@ -172,7 +171,7 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
     if rank == 0:
         try:
             meta = {"kind": "target", "classes": listing.classes, "source": str(listing.root.resolve()), **job}
-            merge_manifest(directory, len(files), prepare.samples_per_shard, fields, meta)
+            merge_manifest(directory, len(files), prepare.samples_per_shard, fields, meta, fmt)
             write_report(directory, listing, files, bad, len(ranges))
         except ShardError as err:
             error = err

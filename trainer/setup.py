@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.formats import open_shard_set
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit
 from data.shards import ShardDataset
 from models import family_class
@@ -60,9 +61,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def open_sources(cfg: Config, family) -> dict[int, ShardDataset]:
     """Opens (and checks against their manifests) the target shards and, for Diff-Tuning, the bank."""
-    sources = {TARGET: ShardDataset(cfg.data.target, verify=cfg.data.verify)}
+    sources = {TARGET: open_shard_set(cfg.data.target, verify=cfg.data.verify)}
     if cfg.method.bank_ratio > 0:
-        sources[BANK] = ShardDataset(cfg.data.bank, verify=cfg.data.verify)
+        if not cfg.data.bank:
+            raise ConfigError(
+                f"method.bank_ratio={cfg.method.bank_ratio} needs a memory bank: set data.bank=/path/to/bank "
+                "(made by launch/generate_bank.py), or method.bank_ratio=0 for plain fine-tuning"
+            )
+        sources[BANK] = open_shard_set(cfg.data.bank, verify=cfg.data.verify)
     for source, key in ((TARGET, "data.target"), (BANK, "data.bank")):
         if source not in sources:
             continue
