@@ -14,9 +14,8 @@ import json
 import operator
 import os
 import re
-import secrets
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +23,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from data.files import atomic_write
 
 FIELD_EXTENSIONS = ("npy", "cls", "txt", "json", "png")  # the only encodings supported
 MANIFEST_NAME = "manifest.json"
@@ -168,27 +169,6 @@ def _record_from_json(entry: dict) -> ShardRecord:
     return record
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via a temporary file, fsync, rename: readers see no file or the whole file, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Leading dot + ".tmp": a half-written file never looks like a shard; pid + token keep writers apart.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)
-
-
 def _encode_sample(sample: dict, fields: dict[str, str], index: int, path: Path) -> dict[str, bytes]:
     if not isinstance(sample, dict) or set(sample) != set(fields):
         got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
@@ -225,7 +205,7 @@ def write_shard(path: str | Path, samples: Iterable[dict], fields: dict[str, str
         if num_samples == 0:
             raise ShardError(f"{path}: no samples given; a shard holds at least one sample")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     # Hash what reached the disk (fresh in the page cache), not what we meant to write.
     return ShardRecord(path.name, first_index, num_samples, path.stat().st_size, file_sha256(path))
 
@@ -247,7 +227,7 @@ def write_manifest(
         "meta": meta or {},
     }
     text = json.dumps(document, indent=2) + "\n"  # before the write: unserialisable meta leaves no file
-    _atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
     return path
 
 
