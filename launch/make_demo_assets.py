@@ -24,6 +24,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,12 @@ def main() -> None:
     parser.add_argument("--out", default="assets/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=6000, help="source model training steps")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--feature-steps", type=int, default=600, help="feature net training steps")
     parser.add_argument("--num-fid", type=int, default=1000, help="images per side of each sanity FID")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--progress-dir", help="if set, a sample grid is written there every 1000 steps")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args()
     out = Path(args.out)
@@ -83,7 +85,7 @@ def main() -> None:
     save_feature_net(net, tmp / "feature_net.pt")
 
     start = time.time()
-    model = train_source_model(args.seed, args.steps, args.batch_size, args.lr)
+    model = train_source_model(args.seed, args.steps, args.batch_size, args.lr, progress_grids(args.progress_dir))
     info["source_model"] = {
         "config": SOURCE_DIT,
         "steps": args.steps,
@@ -107,10 +109,14 @@ def main() -> None:
 
 
 # --- the source model ---------------------------------------------------------------------------------------------
-def train_source_model(seed: int, steps: int, batch_size: int, lr: float) -> DiTTransformer2DModel:
-    """DiT's objective on fresh SOURCE images every step; returns the EMA weights (decay 0.999)."""
+def train_source_model(
+    seed: int, steps: int, batch_size: int, lr: float, on_log: Callable[[int, torch.nn.Module], None] | None = None
+) -> DiTTransformer2DModel:
+    """DiT's objective on fresh SOURCE images every step; returns the EMA weights (decay 0.999).
+    `on_log(step, ema)` runs at every log line (e.g. to draw progress grids)."""
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**SOURCE_DIT).train()
+    dit_initialise(model)
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
             module.dropout_prob = 0.0  # diffusers drops labels with torch.rand; we drop them below, seeded
@@ -146,7 +152,45 @@ def train_source_model(seed: int, steps: int, batch_size: int, lr: float) -> DiT
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % 250 == 0 or step + 1 == steps:
             print(f"source model step {step + 1}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
+            if on_log is not None:
+                on_log(step + 1, ema)
     return ema
+
+
+def dit_initialise(model: DiTTransformer2DModel) -> None:
+    """DiT's own initialisation, which diffusers does not apply: xavier linears, small embeddings, and zeroed
+    adaLN modulations and output layers (adaLN-Zero: every block starts as the identity). Trains much faster."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    patch = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+    torch.nn.init.zeros_(patch.bias)
+    for block in model.transformer_blocks:
+        embedder = block.norm1.emb
+        torch.nn.init.normal_(embedder.class_embedder.embedding_table.weight, std=0.02)
+        torch.nn.init.normal_(embedder.timestep_embedder.linear_1.weight, std=0.02)
+        torch.nn.init.normal_(embedder.timestep_embedder.linear_2.weight, std=0.02)
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (model.proj_out_1, model.proj_out_2):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def progress_grids(folder: str | None) -> Callable[[int, torch.nn.Module], None] | None:
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def on_log(step: int, ema: torch.nn.Module) -> None:
+        if step % 1000 == 0:
+            family = DiTFamily(ema, None, dict(DDPMScheduler(**SCHEDULE).config))
+            labels = torch.arange(procedural.NUM_CLASSES).repeat_interleave(8)
+            save_grid(sample_images(family, labels, seed=1), Path(folder) / f"step_{step:06d}.png", columns=8)
+
+    return on_log
 
 
 def sample_images(family: DiTFamily, labels: torch.Tensor, seed: int, num_steps: int = 50) -> np.ndarray:
