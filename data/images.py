@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,3 +103,77 @@ def load_images(paths: list[Path], size: int, num_threads: int = 8) -> np.ndarra
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         return np.stack(list(pool.map(load, paths)))
+
+
+# --- image, caption and control triples (ControlNet data) -----------------------------------------------------------
+INDEX_NAME = "index.jsonl"
+CONTROL_MODES = ("L", "RGB", "1", "P")  # 1 or 3 channels once converted (palette maps, e.g. segmentation, to RGB)
+
+
+@dataclass(frozen=True)
+class CaptionListing:
+    root: Path
+    index: Path
+    entries: list[dict]  # {"image", "caption", "control" (None: annotate)} in the index's order; paths relative to root
+
+
+def list_caption_folder(root: str | Path) -> CaptionListing:
+    """A folder with index.jsonl, one `{"image": "a.png", "caption": "...", "control": "a_canny.png"}` per line."""
+    root = Path(root)
+    index = root / INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"prepare.images={root} has no {INDEX_NAME}: ControlNet data is a folder with one JSON object per line, "
+            '{"image": "a.png", "caption": "...", "control": "a_control.png"} (control optional when annotated)'
+        )
+    entries = []
+    for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{index} line {number} is not JSON ({err})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise ValueError(f'{index} line {number} needs an "image" path: {line[:200]}')
+        caption, control = entry.get("caption", ""), entry.get("control")
+        if not isinstance(caption, str) or not (control is None or isinstance(control, str)):
+            raise ValueError(f'{index} line {number}: "caption" and "control" must be strings: {line[:200]}')
+        entries.append({"image": entry["image"], "caption": caption, "control": control})
+    if not entries:
+        raise ValueError(f"{index} lists no samples")
+    return CaptionListing(root, index, entries)
+
+
+def check_control(image_path: str | Path, control_path: str | Path) -> str | None:
+    """None if the control map has its image's size and 1 or 3 channels, else why not (both must be readable)."""
+    with Image.open(image_path) as image, Image.open(control_path) as control:
+        (w, h), (cw, ch) = image.size, control.size
+        if (cw, ch) != (w, h):
+            return f"its control map is {cw}x{ch} but the image is {w}x{h}: annotate the image at its own size"
+        if control.mode not in CONTROL_MODES:
+            channels = len(control.getbands())
+            return f"its control map has mode {control.mode} ({channels} channels): give 8-bit L (1) or RGB (3) maps"
+    return None
+
+
+def square_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """The centre square, resized to size x size: one geometry for an image and its control map."""
+    side = min(image.size)
+    left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample=resample)
+
+
+def load_image_and_control(
+    image_path: Path, control_path: Path | None, size: int, nearest: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image as uint8 (size, size, 3) and its control map (if any) cropped alike: nearest-neighbour for maps
+    whose values are labels (segmentation), bilinear for the others."""
+    with Image.open(image_path) as image:
+        pixels = np.asarray(square_crop(image.convert("RGB"), size, Image.BICUBIC))
+    if control_path is None:
+        return pixels, None
+    with Image.open(control_path) as control:
+        control = control.convert("RGB" if control.mode in ("P", "RGB") else "L")
+        control = np.asarray(square_crop(control, size, Image.NEAREST if nearest else Image.BILINEAR))
+    return pixels, control

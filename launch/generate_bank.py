@@ -1,6 +1,7 @@
 """Generate the memory bank with the pre-trained model, straight into shards:
 `deepspeed launch/generate_bank.py --config X model.pretrained=/path data.bank=/out [bank.num_samples=5000 ...]`.
 
+For model.family=sd_controlnet, SD samples freely and each sample's control is annotated from it.
 Also runs as a single process (`python launch/generate_bank.py ...`) and under torchrun/srun. Every rank
 writes the shards it owns; a rerun with the same settings builds only the missing or incomplete shards.
 """

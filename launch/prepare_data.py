@@ -1,8 +1,9 @@
 """Prepare target data: an ImageFolder (one subfolder per class) into shards of VAE latents (or pixels):
 `deepspeed launch/prepare_data.py --config X model.pretrained=/path prepare.images=/images data.target=/out`.
 
-Also runs as a single process and under torchrun/srun. Unreadable images are listed in /out/report.json; a
-rerun with the same settings builds only the missing or incomplete shards.
+For model.family=sd_controlnet, prepare.images is a folder with index.jsonl lines {"image", "caption", "control"}
+(README: Stable Diffusion 1.5 + ControlNet). Also runs as a single process and under torchrun/srun. Unreadable
+images are listed in /out/report.json; a rerun with the same settings builds only the missing or incomplete shards.
 """
 
 from __future__ import annotations

@@ -12,4 +12,8 @@ def family_class(name: str) -> type:
         from models.dit import DiTFamily
 
         return DiTFamily
-    raise ValueError(f"unknown model family {name!r}; known: dit")
+    if name == "sd_controlnet":
+        from models.sd_controlnet import SDControlNetFamily
+
+        return SDControlNetFamily
+    raise ValueError(f"unknown model family {name!r}; known: dit, sd_controlnet")

@@ -17,6 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def free_leaked_shared_memory():
+    """A killed rank cannot free its DeepSpeed all-reduce buffer in /dev/shm (~69 MB): free what a test left."""
+    before = set(SHM.glob("deepspeed_*")) if SHM.is_dir() else set()
+    yield
+    for buffer in (set(SHM.glob("deepspeed_*")) if SHM.is_dir() else set()) - before:
+        buffer.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny pixel-space DiT (10 classes) and its target (4 classes) and bank shard sets."""

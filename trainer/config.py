@@ -27,6 +27,12 @@ class ModelConfig:
     num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
     num_classes: int = 0  # K target classes; 0 keeps the pre-trained label space
     class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows
+    # sd_controlnet: model.pretrained is a local diffusers Stable Diffusion 1.5 folder
+    controlnet: str | None = None  # local ControlNetModel folder; None starts one with ControlNetModel.from_unet
+    control: str = "canny"  # canny | sketch | depth | normal | seg
+    default_prompt: str = "a high-quality, detailed, and professional image"  # the null condition (bank, dropout)
+    annotator: str | None = None  # path/to/module.py[:function] making control maps from images (non-canny)
+    canny_thresholds: tuple[int, int] = (100, 200)  # Canny's low and high thresholds (ControlNet's defaults)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class BankConfig:
     num_steps: int = 250  # DDIM steps (paper: DDIM-250)
     guidance_scale: float = 1.5  # classifier-free guidance (paper: 1.5)
     seed: int = 0
+    prompts: list[str] = field(default_factory=list)  # sd_controlnet: drawn per sample; empty: model.default_prompt
     preview: int = 16  # decoded samples in a preview grid for a human; 0 for none
 
 
@@ -94,8 +101,29 @@ class PrepareConfig:
     resolution: int = 256  # centre-crop and resize, as DiT does
     samples_per_shard: int = 1000
     batch_size: int = 32
-    hflip: bool = True  # also store each image's flipped version, for flip augmentation
+    hflip: bool = True  # also store each image's flipped version, for flip augmentation (not for sd_controlnet)
     seed: int = 0
+
+
+# The paper's sudden-convergence thresholds (Table 4), by control: SSIM after blur for edges and sketches (higher is
+# better), MSE for depth and normals (lower is better), pixel accuracy for segmentation (COCO 0.5; ADE20k 0.4).
+CONVERGENCE_THRESHOLDS = {"canny": 0.55, "sketch": 0.75, "depth": 0.04, "normal": 0.06, "seg": 0.5}
+
+
+@dataclass
+class EvalConfig:
+    """Sudden-convergence tracking of a ControlNet (trainer/convergence.py): generate for fixed validation controls
+    with fixed seeds, re-annotate the outputs, compare them with the controls."""
+
+    every: int = 0  # steps between evaluations (paper: 100); 0: off
+    data: str | None = None  # shard directory of validation samples, prepared like data.target; None: data.target
+    num_controls: int = 8  # the first N samples of eval.data
+    num_steps: int = 50  # DDIM steps (paper: 50)
+    guidance_scale: float = 9.0  # against the empty prompt, control kept (ControlNet's validation setting)
+    batch_size: int = 8
+    seed: int = 0
+    threshold: float | None = None  # None: the paper's threshold for model.control
+    blur_sigma: float = 2.0  # Gaussian blur (pixels) of edges and sketches before SSIM
 
 
 @dataclass
@@ -133,6 +161,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -180,7 +209,8 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
 
 def check_config(cfg: Config) -> None:
     """Cross-field rules that need no files and no world size."""
-    _choice(cfg.model.family, ("dit",), "model.family")
+    _choice(cfg.model.family, ("dit", "sd_controlnet"), "model.family")
+    _choice(cfg.model.control, ("canny", "sketch", "depth", "normal", "seg"), "model.control")
     _choice(cfg.model.class_init, ("reuse", "fresh"), "model.class_init")
     _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
     _choice(cfg.data.format, ("wds", "mds"), "data.format")
@@ -195,6 +225,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
     if not 0.0 <= cfg.method.label_dropout < 1.0:
         raise ConfigError(f"method.label_dropout={cfg.method.label_dropout} must be in [0, 1)")
+    if cfg.eval.every < 0 or min(cfg.eval.num_controls, cfg.eval.num_steps, cfg.eval.batch_size) < 1:
+        raise ConfigError("eval.every must be >= 0 and eval.num_controls, eval.num_steps, eval.batch_size >= 1")
+    if cfg.eval.every and cfg.model.family != "sd_controlnet":
+        raise ConfigError(f"eval.every={cfg.eval.every}: convergence tracking is for model.family=sd_controlnet")
 
 
 def plan_settings(cfg: Config) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -61,5 +62,11 @@ def full_parameters(module: torch.nn.Module):
 
 
 def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leaves the process group and frees this rank's shared-memory buffer of DeepSpeed's CPU all-reduce
+    (about 69 MB in /dev/shm, otherwise left behind when the process ends)."""
+    if not dist.is_initialized():
+        return
+    rank, port = dist.get_rank(), os.environ.get("MASTER_PORT", "")
+    dist.destroy_process_group()
+    for buffer in Path("/dev/shm").glob(f"deepspeed_*_{port}_{rank}"):
+        buffer.unlink(missing_ok=True)

@@ -30,12 +30,14 @@ from data.shard_jobs import (
     write_owned_shard,
 )
 from data.shards import ShardError
-from models import family_class
+from models.annotators import annotate_batch, annotator_for, to_uint8
 from trainer import distributed
 from trainer.config import BankConfig, Config, ConfigError
 from trainer.metrics import image_grid
+from trainer.setup import load_family
 
 BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
+CONTROLNET_BANK_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
 GENERATOR_VERSION = 1  # bump when the recipe below changes, so that old banks are not extended with new samples
 
 
@@ -87,6 +89,52 @@ def bank_samples(
             yield {"x": x[position], "label": label, "meta": {"index": i, "seed": bank.seed, "class": label}}
 
 
+def controlnet_bank_samples(
+    family, annotate, prompts: list[str], indices: range, bank: BankConfig, on_batch: Callable[[int], None]
+) -> Iterator[dict]:
+    """Stable Diffusion's own samples (no ControlNet: the pre-trained model generates freely), each with the control
+    annotated from its decoded image and the default prompt's tokens, the null condition bank slots train with."""
+    null_tokens = family.null_tokens.numpy().astype(np.int32)
+    for first in range(indices.start, indices.stop, bank.batch_size):
+        batch = range(first, min(first + bank.batch_size, indices.stop))
+        starts = [sample_start(bank.seed, i, len(prompts), family.sample_shape) for i in batch]
+        tokens = family.tokenize([prompts[k] for k, _ in starts])
+        noise = torch.stack([n for _, n in starts])
+        x = family.sample(
+            None, tokens, num_steps=bank.num_steps, guidance_scale=bank.guidance_scale, noise=noise, decode=False
+        )
+        controls = annotate_batch(annotate, to_uint8(family.decode(x)))
+        x = x.float().cpu().numpy()
+        on_batch(len(batch))
+        for position, i in enumerate(batch):
+            meta = {"index": i, "seed": bank.seed, "prompt": prompts[starts[position][0]]}
+            yield {"x": x[position], "tokens": null_tokens, "control": controls[position], "meta": meta}
+
+
+def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, Callable]:
+    """(fields, the settings that decide the samples' bytes, samples(indices, on_batch)) of the family's bank."""
+    bank, m = cfg.bank, cfg.model
+    if m.family != "sd_controlnet":
+        denoiser = family.denoiser.to(device).eval()
+        settings = {"weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition}
+        return BANK_FIELDS, settings, lambda indices, on_batch: bank_samples(family, denoiser, indices, bank, on_batch)
+    annotate = annotator_for(m.control, m.annotator, tuple(m.canny_thresholds))
+    if annotate is None:
+        raise ConfigError(
+            f"model.control={m.control}: the bank's controls are annotated from its generated images and "
+            f"{m.control} has no built-in annotator: set model.annotator=path/to/module.py[:function]"
+        )
+    family.place_frozen(device)
+    prompts = list(bank.prompts) or [m.default_prompt]
+    parts = "".join(state_sha256(part) for part in (family.unet, family.vae, family.text_encoder))
+    settings = {
+        "weights_sha256": hashlib.sha256(parts.encode()).hexdigest(), "control": m.control, "annotator": m.annotator,
+        "canny_thresholds": list(m.canny_thresholds), "prompts": prompts, "null_tokens": family.null_tokens.tolist(),
+    }  # fmt: skip
+    samples = lambda indices, on_batch: controlnet_bank_samples(family, annotate, prompts, indices, bank, on_batch)  # noqa: E731
+    return CONTROLNET_BANK_FIELDS, settings, samples
+
+
 def generate_bank(cfg: Config) -> Path:
     """Fills cfg.data.bank with cfg.bank.num_samples samples of the pre-trained model; returns the folder."""
     check_bank_config(cfg.bank)
@@ -95,15 +143,13 @@ def generate_bank(cfg: Config) -> Path:
 
 
 def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
-    family = family_class(cfg.model.family).from_pretrained(
-        cfg.model.pretrained, vae=cfg.model.vae, num_classes=0, num_attention_heads=cfg.model.num_attention_heads
-    )
+    family = load_family(cfg, num_classes=0)
     bank, directory = cfg.bank, Path(cfg.data.bank)
+    fields, settings, make_samples = bank_recipe(cfg, family, device)
     job = {
         "kind": "bank",
         "generator_version": GENERATOR_VERSION,
-        "weights_sha256": state_sha256(family.denoiser),
-        "num_classes": family.null_condition,
+        **settings,
         "sample_shape": list(family.sample_shape),
         **{key: getattr(bank, key) for key in ("num_samples", "samples_per_shard", "batch_size", "num_steps")},
         "guidance_scale": bank.guidance_scale,
@@ -116,12 +162,10 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
     fmt = shard_format(cfg.data.format)
     todo = shards_to_build(directory, ranges, rank, world, fmt)
     num_todo = sum(len(ranges[j]) for j in todo)
-    denoiser = family.denoiser.to(device).eval()
     bar = tqdm(total=num_todo, desc=f"bank (rank 0 of {world})", unit="sample", disable=rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     for j in todo:
-        samples = bank_samples(family, denoiser, ranges[j], bank, bar.update)
-        write_owned_shard(directory, j, samples, BANK_FIELDS, ranges[j].start, fmt)
+        write_owned_shard(directory, j, make_samples(ranges[j], bar.update), fields, ranges[j].start, fmt)
     bar.close()
     distributed.barrier()
     seconds = time.perf_counter() - started
@@ -137,12 +181,12 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
             "num_samples": bank.num_samples,
             "weights_sha256": job["weights_sha256"],
         },
-        "num_classes": family.null_condition,
+        **{key: value for key, value in settings.items() if key != "weights_sha256"},
     }
     error = None
     if rank == 0:
         try:
-            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, BANK_FIELDS, meta, fmt)
+            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, fields, meta, fmt)
             if bank.preview:
                 write_preview(family, directory, bank.preview, device)
         except ShardError as err:

@@ -18,6 +18,7 @@ from data.sampler import TARGET, slot_ids
 from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
 from trainer.config import Config, gradient_accumulation_steps
+from trainer.convergence import convergence_tracker
 from trainer.ema import EMA
 from trainer.engine import build_engine, gradient_norm
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
@@ -53,6 +54,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         saved, universal = checkpoint.resume_plan(
             ckpt_root, world_size, partitioned, run_plan(cfg, planner), cfg.run.allow_plan_change
         )
+    tracker = convergence_tracker(cfg, family, run_dir, rank, world_size, device, saved.step if saved else 0)
     distributed.barrier()  # every rank passed its checks before the run directory is touched
     if rank == 0:
         create_run_dir(run_dir, cfg, overwrite and not resume) if saved is None else truncate_ledger(
@@ -103,6 +105,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
             stats.finish_step(engine, cfg.train.global_batch_size, skipped)
             if ledger:
                 write_ledger(ledger, step, micro_batches)
+            if tracker is not None:  # every rank: gathers the ControlNet; its time is not training throughput
+                stats.started += tracker.after_step(state.step, engine, log)
             after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption)
     finally:
         loader.close()

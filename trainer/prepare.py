@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,18 @@ from tqdm import tqdm
 
 from data.files import atomic_write_bytes
 from data.formats import shard_format
-from data.images import ImageFolderListing, check_image, find_unreadable, hflip, list_image_folder, load_images
+from data.images import (
+    CaptionListing,
+    ImageFolderListing,
+    check_control,
+    check_image,
+    find_unreadable,
+    hflip,
+    list_caption_folder,
+    list_image_folder,
+    load_image_and_control,
+    load_images,
+)
 from data.shard_jobs import (
     claim_directory,
     derived_seed,
@@ -30,12 +42,14 @@ from data.shard_jobs import (
     write_owned_shard,
 )
 from data.shards import ShardError
-from models import family_class
+from models.annotators import annotator_for, as_control
 from trainer import distributed
 from trainer.config import Config, ConfigError, PrepareConfig
 from trainer.generate import state_sha256
+from trainer.setup import load_family
 
 REPORT_NAME = "report.json"
+CONTROLNET_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
 VIEWS = {"x": 0, "x_flip": 1}  # the view number enters the latent's seed
 NUM_THREADS = min(8, os.cpu_count() or 1)
 MAX_PRINTED = 20  # unreadable paths printed in the summary; report.json lists them all
@@ -125,15 +139,15 @@ def prepare_data(cfg: Config) -> Path:
     if cfg.prepare.seed < 0:
         raise ConfigError(f"prepare.seed={cfg.prepare.seed} must be >= 0")
     rank, world, device = distributed.init()
+    if cfg.model.family == "sd_controlnet":
+        return _prepare_controlnet_data(cfg, rank, world, device)
     return _prepare_data(cfg, rank, world, device)
 
 
 def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     prepare, directory = cfg.prepare, Path(cfg.data.target)
     listing = list_image_folder(prepare.images)  # every rank lists the same folder: all fail alike
-    family = family_class(cfg.model.family).from_pretrained(
-        cfg.model.pretrained, vae=cfg.model.vae, num_classes=0, num_attention_heads=cfg.model.num_attention_heads
-    )
+    family = load_family(cfg, num_classes=0)
     check_resolution(family, prepare.resolution)
     job = {
         "kind": "target",
@@ -205,5 +219,151 @@ def write_report(
         lines.append(f"  ... and {len(unreadable) - MAX_PRINTED} more")
     if listing.ignored:
         lines.append(f"  {len(listing.ignored)} files without an image extension ignored")
+    lines.append(f"  full report: {directory / REPORT_NAME}")
+    print("\n".join(lines), flush=True)
+
+
+# --- ControlNet data: (image, caption, control) triples -----------------------------------------------------------
+def _prepare_controlnet_data(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
+    """Writes latents, caption tokens and 3-channel control maps (given, or annotated at the training resolution).
+    No flipped views: a flipped image needs its flipped control, and captions may say left or right."""
+    prepare, directory = cfg.prepare, Path(cfg.data.target)
+    if prepare.hflip:
+        raise ConfigError("prepare.hflip=true: ControlNet data is not flipped (the control and caption would not "
+                          "follow); set prepare.hflip=false (the sd15 presets do)")  # fmt: skip
+    listing = list_caption_folder(prepare.images)
+    annotate = annotator_for(cfg.model.control, cfg.model.annotator, tuple(cfg.model.canny_thresholds))
+    unannotated = [entry["image"] for entry in listing.entries if entry["control"] is None]
+    if unannotated and annotate is None:
+        raise ValueError(
+            f"{listing.index}: sample {unannotated[0]} ({len(unannotated)} in all) has no control map and "
+            f'model.control={cfg.model.control} has no built-in annotator: give a "control" on every line, or '
+            "set model.annotator=path/to/module.py[:function]"
+        )
+    family = load_family(cfg)
+    check_resolution(family, prepare.resolution)
+    # Checked before the folder is claimed: a fixed input then reruns without a settings mismatch.
+    status = entry_status(listing, rank, world, device)
+    misfit = [k for k, code in enumerate(status) if code == 2]
+    if misfit:
+        entry = listing.entries[misfit[0]]
+        why = check_control(listing.root / entry["image"], listing.root / entry["control"])
+        raise ValueError(f"{listing.index}: sample {entry['image']} ({len(misfit)} misfit in all): {why}")
+    job = {
+        "kind": "target", "files_sha256": caption_listing_sha256(listing), "control": cfg.model.control,
+        "annotator": cfg.model.annotator, "canny_thresholds": list(cfg.model.canny_thresholds),
+        "encoder_sha256": state_sha256(family.vae), "null_tokens": family.null_tokens.tolist(),
+        "sample_shape": list(family.sample_shape),
+        **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "seed")},
+        "format": cfg.data.format,
+    }  # fmt: skip
+    claim_directory(directory, job, "data.target")
+    family.vae.to(device)
+    entries = [entry for k, entry in enumerate(listing.entries) if status[k] == 0]
+    if not entries:
+        raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.entries)} samples can be read")
+    ranges = shard_ranges(len(entries), prepare.samples_per_shard)
+    fmt = shard_format(cfg.data.format)
+    todo = shards_to_build(directory, ranges, rank, world, fmt)
+    total = sum(len(ranges[j]) for j in todo)
+    bar = tqdm(total=total, desc=f"prepare (rank 0 of {world})", unit="image", disable=rank != 0, dynamic_ncols=True)
+    for j in todo:
+        samples = controlnet_samples(family, annotate, listing, entries, ranges[j], cfg, device, bar.update)
+        write_owned_shard(directory, j, samples, CONTROLNET_FIELDS, ranges[j].start, fmt)
+    bar.close()
+    distributed.barrier()
+
+    error = None
+    if rank == 0:
+        try:
+            meta = {"source": str(listing.root.resolve()), **job}
+            merge_manifest(directory, len(entries), prepare.samples_per_shard, CONTROLNET_FIELDS, meta, fmt)
+            bad = [
+                {"path": e["image"], "error": entry_problem(listing.root, e)}
+                for e, s in zip(listing.entries, status)
+                if s
+            ]
+            annotated = sum(entry["control"] is None for entry in entries)
+            write_caption_report(directory, listing, len(entries), bad, len(ranges), annotated)
+        except ShardError as err:
+            error = err
+    if distributed.any_rank(error is not None, device):
+        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
+    return directory
+
+
+def controlnet_samples(
+    family, annotate, listing: CaptionListing, entries: list[dict], indices: range, cfg: Config,
+    device: torch.device, on_batch: Callable[[int], None],
+) -> Iterator[dict]:  # fmt: skip
+    """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
+    prepare, nearest = cfg.prepare, cfg.model.control == "seg"  # segmentation values are labels: never blend them
+    for first in range(indices.start, indices.stop, prepare.batch_size):
+        batch = [entries[i] for i in range(first, min(first + prepare.batch_size, indices.stop))]
+        pairs = [
+            load_image_and_control(listing.root / e["image"], e["control"] and listing.root / e["control"],
+                                   prepare.resolution, nearest)
+            for e in batch
+        ]  # fmt: skip
+        images = np.stack([image for image, _ in pairs])
+        controls = [fitted_control(annotate, image, control, e["image"]) for (image, control), e in zip(pairs, batch)]
+        pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+        latents = encode(family, pixels, prepare.seed, range(first, first + len(batch)), VIEWS["x"], device)
+        tokens = family.tokenize([e["caption"] for e in batch]).numpy().astype(np.int32)
+        on_batch(len(batch))
+        for position, entry in enumerate(batch):
+            meta = {"index": first + position, "image": entry["image"], "caption": entry["caption"]}
+            yield {"x": latents[position], "tokens": tokens[position], "control": controls[position], "meta": meta}
+
+
+def fitted_control(annotate, image: np.ndarray, control: np.ndarray | None, name: str) -> np.ndarray:
+    """The given control map, or the annotator's, as uint8 (H, W, 3) at the image's size; an error names the sample."""
+    return as_control(annotate(image) if control is None else control, image.shape[:2], f"sample {name}")
+
+
+def entry_problem(root: Path, entry: dict) -> str | None:
+    """Why an entry cannot be used: an unreadable image or control map, or a control map that does not fit."""
+    for key in ("image", "control"):
+        if entry[key] is not None and (error := check_image(root / entry[key])):
+            return f"{key} {entry[key]}: {error}"
+    return None if entry["control"] is None else check_control(root / entry["image"], root / entry["control"])
+
+
+def entry_status(listing: CaptionListing, rank: int, world: int, device: torch.device) -> list[int]:
+    """0 usable, 1 unreadable (skipped and reported), 2 a control map that does not fit (an error), per entry;
+    each rank checks a slice, a sum gathers them."""
+    mine = list(range(rank, len(listing.entries), world))
+    with ThreadPoolExecutor(max_workers=NUM_THREADS) as pool:
+        problems = list(pool.map(lambda k: entry_problem(listing.root, listing.entries[k]), mine))
+    status = torch.zeros(len(listing.entries), dtype=torch.int32)
+    for k, problem in zip(mine, problems):
+        status[k] = 0 if problem is None else 2 if problem.startswith("its control map") else 1
+    return distributed.all_reduce_sum(status.to(device)).cpu().tolist()
+
+
+def caption_listing_sha256(listing: CaptionListing) -> str:
+    """Fingerprint of the inputs: the index's bytes and every listed file's size."""
+    digest = hashlib.sha256(listing.index.read_bytes())
+    for entry in listing.entries:
+        for key in ("image", "control"):
+            path = entry[key] and listing.root / entry[key]
+            digest.update(f"{key}\t{entry[key]}\t{path.stat().st_size if path and path.exists() else -1}\n".encode())
+    return digest.hexdigest()
+
+
+def write_caption_report(
+    directory: Path, listing: CaptionListing, num_written: int, bad: list[dict], num_shards: int, num_annotated: int
+) -> None:
+    """report.json and a printed summary, as for image folders: what was written, and every unreadable entry."""
+    report = {
+        "source": str(listing.root.resolve()), "num_images": num_written, "num_shards": num_shards,
+        "num_annotated": num_annotated, "num_unreadable": len(bad), "unreadable": bad,
+    }  # fmt: skip
+    atomic_write_bytes(directory / REPORT_NAME, (json.dumps(report, indent=1) + "\n").encode("utf-8"))
+    lines = [f"prepare: {num_written} image-caption-control samples written to {directory} ({num_shards} shards); "
+             f"{len(bad)} unreadable samples skipped"]  # fmt: skip
+    lines += [f"  unreadable: {item['path']} ({item['error']})" for item in bad[:MAX_PRINTED]]
+    if len(bad) > MAX_PRINTED:
+        lines.append(f"  ... and {len(bad) - MAX_PRINTED} more")
     lines.append(f"  full report: {directory / REPORT_NAME}")
     print("\n".join(lines), flush=True)

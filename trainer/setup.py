@@ -15,10 +15,16 @@ from models import family_class
 from trainer.config import Config, ConfigError, plan_settings, to_yaml
 
 
-def load_family(cfg: Config):
-    return family_class(cfg.model.family).from_pretrained(
-        cfg.model.pretrained, vae=cfg.model.vae, num_classes=cfg.model.num_classes,
-        class_init=cfg.model.class_init, num_attention_heads=cfg.model.num_attention_heads, seed=cfg.train.seed,
+def load_family(cfg: Config, num_classes: int | None = None):
+    """The model family of cfg.model; `num_classes=0` keeps DiT's pre-trained label space (bank, prepare)."""
+    m = cfg.model
+    if m.family == "sd_controlnet":
+        return family_class(m.family).from_pretrained(
+            m.pretrained, controlnet=m.controlnet, default_prompt=m.default_prompt, seed=cfg.train.seed
+        )
+    return family_class(m.family).from_pretrained(
+        m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
+        class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
     )  # fmt: skip
 
 

@@ -1,0 +1,250 @@
+"""The Stable Diffusion 1.5 + ControlNet family: only the ControlNet trains.
+
+Loads a local diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and a ControlNet (a
+local folder, or `ControlNetModel.from_unet`, as ControlNet starts). The frozen UNet, VAE and text encoder are
+plain attributes of the family, never of the denoiser: DeepSpeed partitions, optimises and saves only the
+module it is given, so under every ZeRO stage they stay whole, untouched and out of checkpoints.
+
+Conditions are the caption's CLIP tokens (77 ints per sample, far smaller than embeddings) and the control
+image (uint8 HWC, 3 channels); the null condition is the default prompt with the control kept, because the
+bank's controls are annotated from its own images (METHOD.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from models.annotators import synthetic_controls
+
+DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
+PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class ControlCondition:
+    """What `predict` takes: frozen text-encoder states and control images in [0, 1]."""
+
+    text: torch.Tensor  # (B, 77, D)
+    control: torch.Tensor  # (B, 3, H, W), H and W the image size (latent size x VAE factor)
+
+
+class SDControlNetFamily:
+    name = "sd_controlnet"
+    condition_fields = ("tokens", "control")  # the shard fields `condition` reads
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        controlnet: ControlNetModel,
+        scheduler_config: dict,
+        default_prompt: str = DEFAULT_PROMPT,
+    ):
+        self.unet, self.vae, self.text_encoder = (m.eval().requires_grad_(False) for m in (unet, vae, text_encoder))
+        self.tokenizer, self.controlnet = tokenizer, controlnet
+        self.scheduler_config = dict(scheduler_config)
+        self.default_prompt = default_prompt
+        self.null_tokens = self.tokenize([default_prompt])[0]
+        self.empty_tokens = self.tokenize([""])[0]  # SD's own unconditional prompt: the negative of guidance
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained: str, *, controlnet: str | None = None, default_prompt: str = DEFAULT_PROMPT, seed: int = 0
+    ) -> SDControlNetFamily:
+        path = Path(pretrained)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained} does not exist: point it to a local Stable Diffusion 1.5 folder "
+                f"in diffusers layout ({', '.join(p + '/' for p in PARTS)})"
+            )
+        missing = [part for part in PARTS if not (path / part).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained} has no {', '.join(p + '/' for p in missing)}: "
+                "is it a diffusers Stable Diffusion folder (as saved by StableDiffusionPipeline.save_pretrained)?"
+            )
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        prediction = scheduler_config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ValueError(
+                f"model.pretrained={pretrained}: its scheduler predicts {prediction!r}, but this family trains "
+                "epsilon-prediction models only (the loss compares the output to the noise): use an epsilon model "
+                "such as SD 1.5, not a v-prediction one (SD 2.x 768)"
+            )
+        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+        if controlnet is None:
+            # The encoder is copied from the UNet and the zero convolutions start at 0, but the control embedding
+            # is random: seeded, so that every rank (and every run with this seed) starts from the same weights.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = ControlNetModel.from_unet(unet)
+        elif not (Path(controlnet) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.controlnet={controlnet} is not a ControlNetModel folder (no config.json): point it to a local "
+                "diffusers ControlNet, or set model.controlnet=null to start one from the UNet"
+            )
+        else:
+            net = ControlNetModel.from_pretrained(controlnet)
+        return cls(
+            unet,
+            AutoencoderKL.from_pretrained(path / "vae"),
+            CLIPTextModel.from_pretrained(path / "text_encoder"),
+            CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            net,
+            scheduler_config,
+            default_prompt,
+        )
+
+    # --- what the trainer needs -------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.controlnet
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of images and controls: the latent size times the VAE's downsampling."""
+        return self.sample_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def null_condition(self) -> torch.Tensor:
+        return self.null_tokens
+
+    def betas(self) -> np.ndarray:
+        return DDPMScheduler.from_config(self.scheduler_config).betas.double().numpy()
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP token ids, padded and truncated to the tokenizer's length (77 for SD): (N, 77) int64."""
+        length = self.tokenizer.model_max_length
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        device = self.text_encoder.device
+        return self.text_encoder(tokens.to(device).long())[0]
+
+    def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> ControlCondition:
+        """Caption tokens, the default prompt's where the slot's condition is null (bank, dropout); the control
+        image is kept in every case."""
+        tokens = fields["tokens"].long()
+        tokens = torch.where(null_condition[:, None].to(tokens.device), self.null_tokens.to(tokens.device), tokens)
+        return ControlCondition(self.encode_text(tokens), control_tensor(fields["control"]))
+
+    def predict(
+        self, denoiser: torch.nn.Module | None, x_t: torch.Tensor, t: torch.Tensor, condition: ControlCondition
+    ) -> torch.Tensor:
+        """Epsilon of the frozen UNet with the ControlNet's residuals (none when `denoiser` is None: plain SD).
+        The ControlNet runs in x_t's dtype (bf16 under DeepSpeed bf16), the UNet in its own."""
+        dtype, residuals = self.unet.dtype, {}
+        if denoiser is not None:
+            down, mid = denoiser(
+                x_t,
+                t,
+                encoder_hidden_states=condition.text.to(x_t.dtype),
+                controlnet_cond=condition.control.to(x_t.device, x_t.dtype),
+                return_dict=False,
+            )
+            residuals = dict(
+                down_block_additional_residuals=[d.to(dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype),
+            )
+        return self.unet(
+            x_t.to(dtype), t, encoder_hidden_states=condition.text.to(dtype), return_dict=False, **residuals
+        )[0]
+
+    def tunable_parameters(self, denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in denoiser.parameters() if p.requires_grad]
+
+    def place_frozen(self, device: torch.device) -> None:
+        """Moves the frozen UNet, VAE and text encoder to the device the ControlNet trains on."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+
+    def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> ControlNetModel:
+        """A plain copy of the ControlNet with other weights (EMA, gathered raw weights)."""
+        model = ControlNetModel.from_config(self.controlnet.config)
+        model.load_state_dict(state_dict)
+        return model.eval()
+
+    # --- sampling and export ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: torch.nn.Module | None,
+        tokens: torch.Tensor,
+        controls: torch.Tensor | None = None,
+        *,
+        num_steps: int = 50,
+        guidance_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        decode: bool = True,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) samples for prompt `tokens` and uint8 HWC `controls`, guided against the empty prompt
+        with the control kept (as ControlNet samples). Without a ControlNet, plain SD (the bank's generator).
+        Decoded to pixels in [-1, 1] if `decode`, else model-space latents."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_steps)
+        device = self.unet.device
+        if noise is None:
+            noise = torch.randn((len(tokens), *self.sample_shape), generator=generator)
+        x = noise.to(device) * scheduler.init_noise_sigma
+        guided = guidance_scale != 1.0
+        if guided:
+            tokens = torch.cat([tokens, self.empty_tokens.expand(len(tokens), -1)])
+        control = None if controls is None else control_tensor(controls).to(device)
+        if control is not None and guided:
+            control = torch.cat([control, control])  # the unconditional branch keeps the control, as ControlNet's
+        condition = ControlCondition(self.encode_text(tokens), control)
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            t_batch = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)
+            eps = self.predict(denoiser if control is not None else None, x_in, t_batch, condition).float()
+            if guided:
+                cond, uncond = eps.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            x = scheduler.step(eps, t, x).prev_sample
+        return self.decode(x) if decode else x
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
+        """Default-prompt samples for fixed synthetic controls, each shown beside its control (for the grids
+        logged during training; the convergence tracker measures on real validation controls)."""
+        controls = torch.from_numpy(synthetic_controls(num_images, self.image_size, seed))
+        tokens = self.null_tokens.expand(num_images, -1)
+        generator = torch.Generator().manual_seed(seed)
+        images = self.sample(
+            denoiser, tokens, controls, num_steps=num_steps, guidance_scale=PREVIEW_GUIDANCE, generator=generator
+        )
+        return torch.cat([control_tensor(controls).to(images.device) * 2 - 1, images], dim=-1)
+
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
+        """The ControlNet alone, as a diffusers folder: `ControlNetModel.from_pretrained(directory)` loads it and
+        `StableDiffusionControlNetPipeline` runs it with the SD parts of model.pretrained."""
+        self.denoiser_from_state_dict(state_dict).save_pretrained(Path(directory))
+
+
+def control_tensor(controls: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) control maps -> float (B, 3, H, W) in [0, 1], as ControlNet takes them."""
+    return controls.permute(0, 3, 1, 2).float() / 255.0
