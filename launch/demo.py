@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="the demo's folder (replaced)")
     parser.add_argument("--images_per_class", type=int, default=64, help="target training images per class")
-    parser.add_argument("--eval_images", type=int, default=500, help="samples per model for the Fréchet distance")
+    parser.add_argument("--eval_images", type=int, default=200, help="samples per model for the Fréchet distance")
     parser.add_argument("--overrides", nargs="*", default=[], help="key=value for both trainings, e.g. train.steps=200")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -75,7 +75,7 @@ def main() -> None:
     models = {"pre-trained": ASSETS / "source_model", **{m: out / m / "export" / "ema" for m in METHODS}}
     table = {}
     for name, folder in models.items():
-        fake = sample_folder(str(folder), labels, num_steps=25, guidance_scale=1.5, seed=0)
+        fake = sample_folder(str(folder), labels, num_steps=20, guidance_scale=1.5, seed=0)
         table[name] = round(frechet_distance(net, real, fake), 2)
         grid = image_grid(fake[:32].float() / 127.5 - 1, columns=8)
         Image.fromarray(grid).save(out / f"grid_{name}.png")
