@@ -1,11 +1,13 @@
 """Two procedural image domains for the embedded demo: the same four shapes in two styles.
 
-SOURCE: warm-coloured (red..yellow) flat shapes on a dark, flat background.
-TARGET: cool-coloured (cyan..purple), darker, slightly larger shapes on a light background with a linear gradient.
+SOURCE (broad, the "pre-training" distribution): shapes of any hue on dark or light, flat or gradient backgrounds.
+TARGET (narrow and shifted, the downstream domain): cool-coloured (cyan..purple), dark, slightly larger, more
+centred shapes, always on a light gradient.
 
-Both domains are made of flat regions and anti-aliased edges, so a model pre-trained on SOURCE is a good denoiser
-of lightly noised TARGET images (shared low-level structure) while its coarse, high-noise knowledge (colours,
-backgrounds) is wrong for TARGET: the regime of Diff-Tuning's chain of forgetting.
+Every low-level statistic of TARGET (colours, edges, gradients) also occurs in SOURCE, so the pre-trained model is
+a good denoiser of lightly noised TARGET images, while its coarse, high-noise knowledge (which colours, layouts and
+backgrounds are likely) is wrong for TARGET: the regime of Diff-Tuning's chain of forgetting, as in ImageNet ->
+a fine-grained dataset.
 
 Everything is a pure function of `(domain, num, seed, size)` and vectorised over the batch.
 """
@@ -25,10 +27,29 @@ NUM_CLASSES = len(CLASS_NAMES)
 ATTRIBUTE_NAMES = ("cx", "cy", "radius", "fg_r", "fg_g", "fg_b", "bg_r", "bg_g", "bg_b")
 
 # Per-domain style: shape radius range (in units of the image size), centre jitter (same units), foreground
-# hue/saturation/value ranges, and whether the background is a light gradient or a dark flat colour.
+# hue/saturation ranges, foreground value on dark and on light backgrounds (so that shapes always contrast), and
+# the probabilities of a light background and of a gradient one.
 _STYLES = {
-    "source": dict(radius=(0.22, 0.34), jitter=0.09, hue=(-0.04, 0.15), sat=(0.7, 1.0), val=(0.8, 1.0), light=False),
-    "target": dict(radius=(0.28, 0.40), jitter=0.06, hue=(0.45, 0.78), sat=(0.45, 0.9), val=(0.3, 0.6), light=True),
+    "source": dict(
+        radius=(0.2, 0.4),
+        jitter=0.09,
+        hue=(0.0, 1.0),
+        sat=(0.4, 1.0),
+        val_dark=(0.6, 1.0),
+        val_light=(0.2, 0.65),
+        light=0.5,
+        gradient=0.5,
+    ),
+    "target": dict(
+        radius=(0.28, 0.40),
+        jitter=0.06,
+        hue=(0.45, 0.78),
+        sat=(0.45, 0.9),
+        val_dark=(0.6, 1.0),
+        val_light=(0.3, 0.6),
+        light=1.0,
+        gradient=1.0,
+    ),
 }
 
 
@@ -43,17 +64,15 @@ def sample_attributes(domain: str, num: int, seed: int) -> dict[str, np.ndarray]
     centre = 0.5 + rng.uniform(-style["jitter"], style["jitter"], (num, 2))
     radius = rng.uniform(*style["radius"], num)
     hue = np.mod(rng.uniform(*style["hue"], num), 1.0)
-    fg = _hsv_to_rgb(hue, rng.uniform(*style["sat"], num), rng.uniform(*style["val"], num))
-    if style["light"]:
-        # Two pastel end colours and a random gradient direction.
-        bg_a = rng.uniform(0.7, 0.95, (num, 3))
-        bg_b = rng.uniform(0.7, 0.95, (num, 3))
-        angle = rng.uniform(0, 2 * np.pi, num)
-    else:
-        # A dark, slightly tinted flat background (both ends equal, so the gradient is flat).
-        bg_a = rng.uniform(0.04, 0.22, (num, 3))
-        bg_b = bg_a
-        angle = np.zeros(num)
+    sat = rng.uniform(*style["sat"], num)
+    light = rng.uniform(size=num) < style["light"]
+    gradient = rng.uniform(size=num) < style["gradient"]
+    val = np.where(light, rng.uniform(*style["val_light"], num), rng.uniform(*style["val_dark"], num))
+    fg = _hsv_to_rgb(hue, sat, val)
+    # Pastel or dark end colours; a flat background has both ends equal. The angle only matters for gradients.
+    ends = np.where(light[None, :, None], rng.uniform(0.7, 0.95, (2, num, 3)), rng.uniform(0.04, 0.22, (2, num, 3)))
+    bg_a, bg_b = ends[0], np.where(gradient[:, None], ends[1], ends[0])
+    angle = rng.uniform(0, 2 * np.pi, num)
     return dict(labels=labels, centre=centre, radius=radius, fg=fg, bg_a=bg_a, bg_b=bg_b, angle=angle)
 
 
@@ -103,6 +122,13 @@ def normalised_attributes(attributes: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(
         [attributes["centre"], radius[:, None], attributes["fg"], bg_mean], axis=1, dtype=np.float32
     ).astype(np.float32)
+
+
+def has_dark_background(images: np.ndarray) -> np.ndarray:
+    """[N] bool: whether each uint8 [N, H, W, 3] image has a dark background (its four corners), a SOURCE-only style
+    (target backgrounds are light), so the share of such samples measures source style leaking into the target."""
+    corners = images[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(np.float64)
+    return corners.mean(axis=(1, 2)) < 100
 
 
 def class_folder_names() -> list[str]:

@@ -3,8 +3,9 @@
 Runs the real jobs: target images -> launch/prepare_data.py -> launch/generate_bank.py (the memory bank) ->
 launch/train.py twice, plain fine-tuning and Diff-Tuning, same steps and seed -> samples of the pre-trained and
 both exported models -> Fréchet distances on the target domain (torchmetrics' FID with the shipped feature
-net). Writes into --out (replaced if it exists): results.json, grid_*.png, and each job's folder
-(the TensorBoard logs are under finetune/ and difftune/).
+net), and each model's denoising error by noise level on unseen source and target images (what each one kept
+and learned: the chain of forgetting). Writes into --out (replaced if it exists): results.json, grid_*.png, and
+each job's folder (the TensorBoard logs are under finetune/ and difftune/).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from PIL import Image  # noqa: E402
 
 from data import procedural  # noqa: E402
 from models.feature_net import frechet_distance, load_feature_net, nhwc_to_nchw  # noqa: E402
-from trainer.evaluate import sample_folder  # noqa: E402
+from trainer.evaluate import denoising_error, sample_folder  # noqa: E402
 from trainer.metrics import image_grid  # noqa: E402
 
 ASSETS = ROOT / "assets" / "demo"
 METHODS = {"finetune": ["method.bank_ratio=0", "method.tau=0"], "difftune": []}
+BANDS = [(0, 100), (100, 300), (300, 600), (600, 1000)]  # timestep bands of the denoising-error table
 
 
 def job(script: str, *args: str) -> None:
@@ -39,12 +41,18 @@ def job(script: str, *args: str) -> None:
         sys.exit(f"demo: {script} failed")
 
 
+def dark_share(images: torch.Tensor) -> float:
+    return round(float(procedural.has_dark_background(images.permute(0, 2, 3, 1).numpy()).mean()), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="the demo's folder (replaced)")
     parser.add_argument("--images_per_class", type=int, default=64, help="target training images per class")
-    parser.add_argument("--eval_images", type=int, default=200, help="samples per model for the Fréchet distance")
-    parser.add_argument("--overrides", nargs="*", default=[], help="key=value for both trainings, e.g. train.steps=200")
+    parser.add_argument("--eval_images", type=int, default=500, help="samples per model for the Fréchet distance")
+    parser.add_argument(
+        "--overrides", nargs="*", default=[], help="key=value for both trainings (method.* only changes Diff-Tuning)"
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -64,29 +72,50 @@ def main() -> None:
     data = [f"data.target={out / 'target'}", f"data.bank={out / 'bank'}"]
     for method, overrides in METHODS.items():
         t = time.perf_counter()
-        job("train.py", *data, f"run.dir={out / method}", *overrides, *args.overrides)
+        # The method's own overrides come last: `--overrides method.bank_ratio=0.2` changes Diff-Tuning only.
+        job("train.py", *data, f"run.dir={out / method}", *args.overrides, *overrides)
         stage(f"train_{method}", t)
 
     t = time.perf_counter()
     real, _ = procedural.make_images("target", args.eval_images, seed=12345, size=16)  # unseen target images
     real = nhwc_to_nchw(real)
+    source = nhwc_to_nchw(procedural.make_images("source", args.eval_images, seed=54321, size=16)[0])
     labels = torch.arange(args.eval_images) % procedural.NUM_CLASSES
     net = load_feature_net(ASSETS / "feature_net.pt")
     models = {"pre-trained": ASSETS / "source_model", **{m: out / m / "export" / "ema" for m in METHODS}}
-    table = {}
+    fids, errors, leaks = {}, {}, {"target (real)": dark_share(real)}
     for name, folder in models.items():
         fake = sample_folder(str(folder), labels, num_steps=20, guidance_scale=1.5, seed=0)
-        table[name] = round(frechet_distance(net, real, fake), 2)
+        fids[name] = round(frechet_distance(net, real, fake), 2)
+        leaks[name] = dark_share(fake)
         grid = image_grid(fake[:32].float() / 127.5 - 1, columns=8)
         Image.fromarray(grid).save(out / f"grid_{name}.png")
+        # Source images with the null class (what retention keeps), target images with their own class.
+        errors[name] = {
+            domain: [round(e, 4) for e in denoising_error(str(folder), x.float() / 127.5 - 1, y, BANDS, seed=0)]
+            for domain, x, y in (("source", source, None), ("target", real, labels))
+        }
     stage("evaluate", t)
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    results = {"fid_target": table, "eval_images": args.eval_images, "seconds": timings}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'model':12} {'FID (target)':>12}")
-    for name, fid in table.items():
-        print(f"{name:12} {fid:12.2f}")
+    bands = [f"t {low}-{high}" for low, high in BANDS]
+    results = {
+        "fid_target": fids,
+        "dark_background_share": leaks,
+        "denoising_error": {"bands": bands, **errors},
+        "eval_images": args.eval_images,
+    }
+    (out / "results.json").write_text(json.dumps({**results, "seconds": timings}, indent=2))
+    # Dark backgrounds are source-only style: their share in a model's samples is source leaking into the target.
+    print(f"\n{'model':13} {'FID (target)':>12} {'dark bg.':>12}")
+    for name, share in leaks.items():
+        fid = f"{fids[name]:12.2f}" if name in fids else f"{'-':>12}"  # real images are the reference
+        print(f"{name:13} {fid} {share:12.1%}")
+    for domain, condition in (("source", "null class"), ("target", "own class")):
+        print(f"\nε-MSE on unseen {domain} images ({condition}), by noise level")
+        print(f"{'model':12}" + "".join(f"{band:>12}" for band in bands))
+        for name in models:
+            print(f"{name:12}" + "".join(f"{e:12.4f}" for e in errors[name][domain]))
     print(f"\nresults in {out} (results.json, grid_*.png, TensorBoard logs in finetune/ and difftune/)")
 
 
