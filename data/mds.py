@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import operator
 import os
 import secrets
 import shutil
@@ -34,6 +33,7 @@ from data.shards import (
     _check_verify,
     _encode,
     file_sha256,
+    locate,
     read_manifest,
     write_manifest,
 )
@@ -269,10 +269,7 @@ class MDSDataset:
         return self.manifest.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not 0 <= index < len(self):  # a negative index is a sampler bug, not "from the end"
-            raise IndexError(f"index {index} is out of range for {len(self)} samples in {self.directory}")
-        shard = bisect.bisect_right(self._starts, index) - 1
+        index, shard = locate(index, self._starts, len(self), self.directory)
         local = index - self._starts[shard]
         file = bisect.bisect_right(self._file_starts[shard], local) - 1
         path = self.directory / self.manifest.shards[shard].name

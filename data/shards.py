@@ -324,6 +324,14 @@ def check_shard(directory: str | Path, record: ShardRecord, verify: str = "sha25
     _scan_members(path, record)
 
 
+def locate(index: int, starts: list[int], num_samples: int, directory: Path) -> tuple[int, int]:
+    """(index, shard) of global sample `index`, given each shard's first index; checked against the bank's size."""
+    index = operator.index(index)
+    if not 0 <= index < num_samples:  # a negative index is a sampler bug, not "from the end"
+        raise IndexError(f"index {index} is out of range for {num_samples} samples in {directory}")
+    return index, bisect.bisect_right(starts, index) - 1
+
+
 class ShardDataset:
     """Random access to a shard set by global sample index.
 
@@ -363,10 +371,7 @@ class ShardDataset:
         return self.manifest.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not 0 <= index < len(self):  # a negative index is a sampler bug, not "from the end"
-            raise IndexError(f"index {index} is out of range for {len(self)} samples in {self.directory}")
-        shard = bisect.bisect_right(self._starts, index) - 1
+        index, shard = locate(index, self._starts, len(self), self.directory)
         record = self.manifest.shards[shard]
         path = self.directory / record.name
         fd = self._open(shard)
