@@ -74,7 +74,7 @@ class TrainConfig:
     micro_batch_size: int = 32
     steps: int = 24000
     seed: int = 0
-    zero_stage: int = 0
+    zero_stage: int = 0  # 0-3; bf16 needs >= 1 (the presets use 2)
     precision: str = "fp32"  # fp32 | bf16
     max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
 
@@ -145,6 +145,7 @@ class DebugConfig:
     """Fault injection and tracing, for the robustness tests and for debugging a run."""
 
     sample_ledger: bool = False  # every rank logs each consumed (step, slot, source, index) to ledger/
+    count_host_reads: bool = False  # every rank counts its device reads per step into host_reads/ (slows steps)
     nan_at_step: int = -1  # make this step's loss NaN on rank `nan_rank` (and the next `nan_steps` - 1)
     nan_steps: int = 1
     nan_rank: int = 0
@@ -219,6 +220,12 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.train.precision, ("fp32", "bf16"), "train.precision")
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
+        raise ConfigError(
+            "train.precision=bf16 with train.zero_stage=0 would build DeepSpeed's unpartitioned bf16 optimizer, "
+            "which keeps a whole fp32 copy on every rank and checks every tensor on the host each step: set "
+            "train.zero_stage=1 or 2 (one GPU included), or train.precision=fp32"
+        )
     if not 0.0 <= cfg.method.bank_ratio < 1.0:
         raise ConfigError(f"method.bank_ratio={cfg.method.bank_ratio} must be in [0, 1)")
     if cfg.train.global_batch_size < 1 or cfg.train.micro_batch_size < 1:

@@ -27,6 +27,10 @@ def init() -> tuple[int, int, torch.device]:
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    global _host_group
+    # Host-side flags (preemption) are reduced over gloo on the CPU, beside the device's collectives, so
+    # that agreeing on them never waits for the device.
+    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
@@ -34,6 +38,18 @@ def init() -> tuple[int, int, torch.device]:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(), local_rank)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+_host_group = None
+
+
+def world_size() -> int:
+    return dist.get_world_size()
+
+
+def start_host_sum(tensor: torch.Tensor):
+    """Starts summing a CPU tensor over ranks without waiting (gloo); returns the work to `wait()` on."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_host_group, async_op=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

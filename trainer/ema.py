@@ -15,12 +15,13 @@ class EMA:
         self.tuned = [name for name, p in module.named_parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        """A collective under ZeRO-3 (the parameters are gathered): call on every rank."""
+    def update(self, module: torch.nn.Module, applied: torch.Tensor | float = 1.0) -> None:
+        """A collective under ZeRO-3 (the parameters are gathered): call on every rank. `applied` (0 or 1, a
+        device tensor) leaves the EMA unchanged after a skipped step without reading it."""
         params = dict(module.named_parameters())
         with full_parameters(module):
             for name in self.tuned:
-                self.weights[name].lerp_(params[name].detach().float(), 1.0 - self.decay)
+                self.weights[name].lerp_(params[name].detach().float(), (1.0 - self.decay) * applied)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.weights)

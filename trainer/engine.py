@@ -18,7 +18,8 @@ def deepspeed_config(cfg: Config, accumulation_steps: int, load_universal: bool 
         "gradient_accumulation_steps": accumulation_steps,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (trainer/optim.py)
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # The skip decision is ours, on the device (trainer/optim.py): DeepSpeed's own check reads the host.
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": False},
         "gradient_clipping": cfg.optim.grad_clip,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logger reports
@@ -26,8 +27,11 @@ def deepspeed_config(cfg: Config, accumulation_steps: int, load_universal: bool 
     }
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, parameters: list, accumulation_steps: int, load_universal: bool):
-    """The engine and its (inner) optimizer, which takes the all-rank skip decision and sets the LR."""
+def build_engine(
+    cfg: Config, module: torch.nn.Module, parameters: list, accumulation_steps: int, load_universal: bool,
+    device: torch.device,
+):  # fmt: skip
+    """The engine and its (inner) optimizer, which takes the all-rank skip decision on the device and sets the LR."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     optim = cfg.optim
     optimizer = GuardedAdamW(
@@ -37,17 +41,8 @@ def build_engine(cfg: Config, module: torch.nn.Module, parameters: list, accumul
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(cfg, accumulation_steps, load_universal)
     )
+    # Under ZeRO the gradients are partitioned, and DeepSpeed has the global norm (over every rank and
+    # parameter group, a device tensor) before it calls our step: the skip decision reuses it.
+    zero_norm = (lambda: getattr(engine.optimizer, "_global_grad_norm", None)) if cfg.train.zero_stage else None
+    optimizer.attach(device, cfg.train.max_consecutive_skips, zero_norm)
     return engine, optimizer
-
-
-def gradient_norm(engine, parameters: list) -> float | None:
-    """The global gradient norm, read before the boundary `engine.step()`.
-
-    Without ZeRO (fp32) the gradients are whole and already averaged over ranks at the accumulation
-    boundary, so the norm is local arithmetic. ZeRO and bf16 optimizers compute it themselves during the
-    step: this returns None and `engine.get_global_grad_norm()` has it after the step.
-    """
-    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
-        return None
-    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0

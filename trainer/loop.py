@@ -7,6 +7,7 @@ state is the step number, so a checkpoint plus the step resumes the run exactly,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,8 @@ from trainer.checkpoint import RunState
 from trainer.config import Config, gradient_accumulation_steps
 from trainer.convergence import convergence_tracker
 from trainer.ema import EMA
-from trainer.engine import build_engine, gradient_norm
+from trainer.engine import build_engine
+from trainer.host_reads import HostReadLog
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
@@ -62,16 +64,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         )
     distributed.barrier()
 
-    schedule = NoiseSchedule(family.betas())
+    schedule = NoiseSchedule(family.betas()).to(device)
     family.place_frozen(device)
     ema = EMA(family.denoiser, cfg.optim.ema_decay, device)
     parameters = family.tunable_parameters(family.denoiser)
-    engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal)
+    engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal, device)
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
         checkpoint.load(engine, ema, ckpt_root, universal, rank)
         state.step, state.applied_steps = saved.step, saved.applied_steps
         state.skipped_steps, state.consecutive_skips = saved.skipped_steps, saved.consecutive_skips
+        optimizer.counters.restore(saved.applied_steps, saved.skipped_steps, saved.consecutive_skips)
     slots = [
         slot_ids(rank=rank, micro_step=m, world_size=world_size, accumulation_steps=accumulation,
                  micro_batch_size=cfg.train.micro_batch_size)
@@ -79,43 +82,64 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     ]  # fmt: skip
     loader = StepLoader(planner, sources, slots, family.condition_fields)
     log = MetricsLogger(run_dir, rank == 0, state.step, cfg.train.steps, cfg.run.progress)
-    stats, preemption = StepStats(device), PreemptionFlag()
+    stats, preemption = StepStats(device, schedule.num_timesteps), PreemptionFlag()
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    weigh = lambda batch: source_weights(  # noqa: E731
-        batch.is_bank, planner.num_target_slots, planner.num_bank_slots, cfg.method.bank_loss_weight
-    ).to(device)
+    host_reads = HostReadLog(run_dir, rank) if cfg.debug.count_host_reads else None
+    step_fn = StepFunction(cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device)
     try:
         for step in range(state.step, cfg.train.steps):
-            micro_batches = stats.timed_data(loader.get, step)
-            optimizer.begin_step(state.applied_steps)
-            for micro_step, batch in enumerate(micro_batches):
-                batch = batch.to(device)
-                losses = slot_losses(family, engine, batch, schedule, dtype) * injected_nan(cfg, step, rank)
-                optimizer.loss_nonfinite |= not bool(torch.isfinite(losses).all())
-                # DeepSpeed averages over ranks and accumulation steps; undo both to get the global weighted sum.
-                engine.backward((losses * weigh(batch)).sum() * world_size * accumulation)
-                stats.grad_norm = gradient_norm(engine, parameters) if micro_step == accumulation - 1 else None
-                engine.step()
-                stats.add(losses.detach(), weigh(batch), batch, schedule.num_timesteps)
-            skipped = optimizer.skipped()
-            if not skipped:
-                ema.update(engine.module)
-            advance(state, skipped, cfg.train.max_consecutive_skips)
-            stats.finish_step(engine, cfg.train.global_batch_size, skipped)
-            if ledger:
-                write_ledger(ledger, step, micro_batches)
-            if tracker is not None:  # every rank: gathers the ControlNet; its time is not training throughput
-                stats.started += tracker.after_step(state.step, engine, log)
-            after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption)
+            with host_reads or contextlib.nullcontext():
+                micro_batches = stats.timed_data(loader.get, step)  # planned and read one step ahead
+                applied = step_fn(step, micro_batches)  # loss -> backward -> optimizer step, on every rank
+                ema.update(engine.module, applied)
+                state.step += 1
+                if ledger:
+                    write_ledger(ledger, step, micro_batches)
+                if tracker is not None:  # every rank: gathers the ControlNet; its time is not training throughput
+                    stats.started += tracker.after_step(state.step, engine, log)
+                logged, saved_now = after_step(
+                    cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root, rank, device, preemption
+                )
+            if host_reads:
+                host_reads.write(state.step, logged, saved_now)
     finally:
+        preemption.close()
         loader.close()
         log.close()
-        if ledger:
-            ledger.close()
+        for file in (ledger, host_reads):
+            if file:
+                file.close()
     if cfg.run.export:
         export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"))
     return run_dir
+
+
+class StepFunction:
+    """One global step on this rank's slots: per-slot losses -> weighted backward -> optimizer step.
+    Reads nothing back from the device; returns the applied flag (a device tensor)."""
+
+    def __init__(self, cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device):
+        self.cfg, self.family, self.engine, self.optimizer = cfg, family, engine, optimizer
+        self.schedule, self.stats, self.rank, self.device = schedule, stats, rank, device
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.counts = (planner.num_target_slots, planner.num_bank_slots, cfg.method.bank_loss_weight)
+        # DeepSpeed averages over ranks and accumulation steps; undoing both gives the global weighted sum.
+        self.loss_scale = world_size * gradient_accumulation_steps(cfg, world_size)
+
+    def __call__(self, step: int, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        self.optimizer.begin_step()
+        for batch in micro_batches:
+            weights = source_weights(batch.is_bank, *self.counts).to(self.device, non_blocking=True)
+            batch = batch.to(self.device)
+            losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype)
+            losses = losses * injected_nan(self.cfg, step, self.rank)
+            self.optimizer.note_losses(losses)
+            self.engine.backward((losses * weights).sum() * self.loss_scale)
+            self.engine.step()
+            self.stats.add(losses.detach(), weights, batch.is_bank, batch.t)
+        applied = self.optimizer.finish_step(step + 1)
+        self.stats.finish_step(self.cfg.train.global_batch_size, self.optimizer.grad_norm)
+        return applied
 
 
 def slot_losses(family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype):
@@ -126,34 +150,32 @@ def slot_losses(family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dt
     return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule)
 
 
-def advance(state: RunState, skipped: bool, max_consecutive_skips: int) -> None:
-    state.step += 1
-    if not skipped:
-        state.applied_steps, state.consecutive_skips = state.applied_steps + 1, 0
-        return
-    state.skipped_steps, state.consecutive_skips = state.skipped_steps + 1, state.consecutive_skips + 1
-    if state.consecutive_skips >= max_consecutive_skips:
-        raise NonFiniteError(
-            f"step {state.step}: {state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
-            f"on some rank and were skipped (train.max_consecutive_skips={max_consecutive_skips}); lower optim.lr, "
-            "set optim.grad_clip, or check the data; the last good checkpoint is in run.dir/checkpoints"
-        )
-
-
-def after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption) -> None:
-    """Logging, sample grids, checkpoints and preemption: the step boundary's bookkeeping."""
+def after_step(cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root, rank, device, preemption):
+    """Logging, sample grids, checkpoints and preemption: the step boundary's bookkeeping. Only log and save
+    steps read the device; returns (logged, saved)."""
     done = state.step
-    if done % cfg.run.log_every == 0 or done == cfg.train.steps:
+    logging = done % cfg.run.log_every == 0 or done == cfg.train.steps
+    preempted = preemption.agreed()
+    saving = preempted or done % cfg.run.ckpt_every == 0 or done == cfg.train.steps
+    if logging or saving:
+        state.applied_steps, state.skipped_steps, state.consecutive_skips, tripped_at = optimizer.counters.read()
+        if tripped_at:
+            limit = cfg.train.max_consecutive_skips
+            raise NonFiniteError(
+                f"step {tripped_at}: {limit} consecutive steps had a non-finite loss or gradient on some rank and "
+                f"were skipped (train.max_consecutive_skips={limit}); lower optim.lr, set optim.grad_clip, or "
+                "check the data; the last good checkpoint is in run.dir/checkpoints"
+            )
+    if logging:
         log.scalars(done, stats.report(engine, state.skipped_steps))
     if cfg.run.sample_every and done % cfg.run.sample_every == 0:
         sample_grid(family, ema, cfg, log, done, device, rank)
-    preempted = preemption.agreed(device)
-    if preempted or done % cfg.run.ckpt_every == 0 or done == cfg.train.steps:
-        crash = crash_hook(cfg, done, rank)
-        checkpoint.save(engine, ema, state, ckpt_root, rank, cfg.run.keep_last, crash)
+    if saving:
+        checkpoint.save(engine, ema, state, ckpt_root, rank, cfg.run.keep_last, crash_hook(cfg, done, rank))
     log.advance()
     if preempted:
         raise Preempted(done)
+    return logging, saving
 
 
 def injected_nan(cfg: Config, step: int, rank: int) -> float:

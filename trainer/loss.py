@@ -32,9 +32,22 @@ class NoiseSchedule:
         self.posterior_mean_coef1 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
 
+    TABLES = (
+        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod", "posterior_log_variance_clipped", "log_betas", "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    )  # fmt: skip
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """Moves the tables to the device once, so that lookups in the step copy nothing."""
+        for name in self.TABLES:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """`name`[t] shaped to broadcast against `like` (one value per sample)."""
-        values = getattr(self, name).to(t.device)[t].to(like.dtype)
+        table = getattr(self, name)
+        values = (table if table.device == t.device else table.to(t.device))[t].to(like.dtype)
         return values.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.batch import MicroBatch
 from trainer import distributed
 
 NUM_T_BUCKETS = 10
@@ -86,21 +85,19 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -
 
 
 class StepStats:
-    """Local sums of one logging interval (losses by source and t-bucket, timings), reduced over ranks only
-    when reported."""
+    """Sums of one logging interval (losses by source and t-bucket, gradient norm), kept on the device and
+    reduced over ranks only when reported; timings on the host."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.grad_norm: float | None = None
+    def __init__(self, device: torch.device, num_timesteps: int):
+        self.device, self.num_timesteps = device, num_timesteps
         self._reset()
 
     def _reset(self) -> None:
         # total, target sum, target count, bank sum, bank count, then per t-bucket sums and counts
         self.sums = torch.zeros(5 + 2 * NUM_T_BUCKETS, dtype=torch.float64, device=self.device)
-        self.data_seconds = self.step_seconds = 0.0
+        self.grad_norm: torch.Tensor | None = None
+        self.data_seconds = 0.0
         self.images = self.steps = 0
-        self.last_grad_norm: float | None = None
-        self.skipped_in_interval = 0
         self.started = time.perf_counter()
 
     def timed_data(self, fn, *args):
@@ -109,37 +106,37 @@ class StepStats:
         self.data_seconds += time.perf_counter() - begin
         return out
 
-    def add(self, losses: torch.Tensor, weights: torch.Tensor, batch: MicroBatch, num_timesteps: int) -> None:
-        losses, bank = losses.double(), batch.is_bank
-        bucket = (batch.t * NUM_T_BUCKETS // num_timesteps).to(self.device)
-        self.sums[0] += (losses * weights).sum()
-        self.sums[1] += losses[~bank].sum()
-        self.sums[2] += (~bank).sum()
-        self.sums[3] += losses[bank].sum()
-        self.sums[4] += bank.sum()
+    def add(self, losses: torch.Tensor, weights: torch.Tensor, is_bank: torch.Tensor, t: torch.Tensor) -> None:
+        """Device arithmetic only (no masks, no reads); a non-finite loss stays in its own source's sum."""
+        losses, bank = losses.double(), is_bank.to(self.device)
+        zero = torch.zeros_like(losses)
+        target_losses, bank_losses = torch.where(bank, zero, losses), torch.where(bank, losses, zero)
+        by_source = torch.stack(
+            [(losses * weights).sum(), target_losses.sum(), (~bank).sum(), bank_losses.sum(), bank.sum()]
+        )
+        self.sums[:5] += by_source
+        bucket = (t * NUM_T_BUCKETS // self.num_timesteps).to(self.device)
         self.sums[5 : 5 + NUM_T_BUCKETS].index_add_(0, bucket, losses)
         self.sums[5 + NUM_T_BUCKETS :].index_add_(0, bucket, torch.ones_like(losses))
 
-    def finish_step(self, engine, global_batch_size: int, skipped: bool = False) -> None:
-        if self.grad_norm is None:  # ZeRO and bf16 optimizers report the norm after their step
-            norm = engine.get_global_grad_norm()
-            self.grad_norm = None if norm is None else float(norm)
-        self.last_grad_norm = self.grad_norm
-        self.skipped_in_interval += int(skipped)
+    def finish_step(self, global_batch_size: int, grad_norm: torch.Tensor | None) -> None:
+        self.grad_norm = grad_norm
         self.images += global_batch_size
         self.steps += 1
 
     def report(self, engine, skipped_total: int = 0) -> dict[str, float]:
-        """All-reduces the interval's sums (a collective) and returns the scalars to log."""
+        """All-reduces the interval's sums (a collective) and returns the scalars to log: the host reads of
+        a log step."""
         sums = distributed.all_reduce_sum(self.sums.clone()).tolist()
         elapsed = time.perf_counter() - self.started
+        lr = engine.get_lr()[0]
         values = {
             "loss/total": sums[0] / self.steps,
             "loss/target": sums[1] / sums[2] if sums[2] else None,
             "loss/bank": sums[3] / sums[4] if sums[4] else None,
-            "grad_norm": self.last_grad_norm,
+            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),  # of the last step
             "skipped_steps": skipped_total,  # non-finite loss or gradient on some rank: nothing was updated
-            "lr": float(engine.get_lr()[0]),
+            "lr": float(lr),
             "images_per_second": self.images / elapsed,
             "time/data_wait_fraction": self.data_seconds / elapsed,  # reading is ahead: only the wait counts
         }

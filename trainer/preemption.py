@@ -1,4 +1,9 @@
-"""Preemption: a signal sets a flag; ranks agree on it at the next step boundary and save together."""
+"""Preemption: a signal sets a flag; ranks agree on it at a step boundary and save together.
+
+The agreement never stalls a step: at every boundary each rank starts summing its flag over the ranks
+on the CPU (gloo, asynchronously) and reads the sum started one boundary earlier, long finished by then.
+Every rank so learns of a signal at the same boundary, one step after it arrived.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import signal
 import torch
 
 from trainer import distributed
+from trainer.host_reads import host_side
 
 # The status a preempted run exits with; the sbatch scripts turn it into `scontrol requeue` (EX_TEMPFAIL).
 REQUEUE_EXIT_CODE = 75
@@ -23,12 +29,26 @@ class PreemptionFlag:
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.requested = False
+        self._pending: tuple[torch.Tensor, object] | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        """A collective: True on every rank as soon as one rank was signalled."""
-        return distributed.any_rank(self.requested, device)
+    def agreed(self) -> bool:
+        """A collective, at every step boundary on every rank: True on every rank at the same boundary."""
+        agreed = False
+        if self._pending is not None:
+            flags, work = self._pending
+            work.wait()
+            agreed = bool(flags.item() > 0)  # a CPU tensor: reading it waits for no device
+        flags = host_side(torch.tensor([float(self.requested)]))
+        self._pending = (flags, distributed.start_host_sum(flags))
+        return agreed
+
+    def close(self) -> None:
+        """Waits for the sum in flight, so that no rank leaves a collective behind."""
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
