@@ -3,7 +3,8 @@
 Global step `k` is B slots `(source, sample index, t, noise seed, null condition)` computed from
 `(seed, k, slot)` alone, so the batch is the same for any number of ranks, micro-batch size and gradient
 accumulation, and the data side of a run is resumed by knowing the step. Ranks only decide which slots
-they compute (`slot_ids`).
+they compute (`slot_ids`) and plan only those: a slot's draws are a counter-based hash (splitmix64) of
+`(seed, step, slot, draw)`, computed for many slots at once, so planning costs microseconds per slot.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _key(*words: int) -> np.ndarray:
     """One uint64 (as a 1-element array) that hashes the words in order: a counter-based seed."""
     key = np.zeros(1, dtype=np.uint64)
     for word in words:
-        key = _mix(key + _GOLDEN_GAMMA + np.uint64(word % _UINT64))
+        key = _mix(key + _GOLDEN_GAMMA + np.uint64(int(word) % _UINT64))
     return key
 
 
