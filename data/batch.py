@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,16 +23,24 @@ class MicroBatch:
     is_bank: torch.Tensor
     ids: np.ndarray  # (slot, source, index) of each sample: what was consumed, for the sample ledger
 
-    def to(self, device: torch.device | str) -> MicroBatch:
+    def _map(self, move) -> MicroBatch:
         return MicroBatch(
-            x0=self.x0.to(device),
-            noise=self.noise.to(device),
-            t=self.t.to(device),
-            condition={k: v.to(device) for k, v in self.condition.items()},
-            null_condition=self.null_condition.to(device),
-            is_bank=self.is_bank.to(device),
+            x0=move(self.x0),
+            noise=move(self.noise),
+            t=move(self.t),
+            condition={k: move(v) for k, v in self.condition.items()},
+            null_condition=move(self.null_condition),
+            is_bank=move(self.is_bank),
             ids=self.ids,
         )
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """Copies to `device` without waiting: from pinned memory the copy overlaps the step's compute."""
+        return self._map(lambda tensor: tensor.to(device, non_blocking=True))
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies (CUDA only), which `to` copies asynchronously; DataLoader calls this by name."""
+        return self._map(lambda tensor: tensor.pin_memory())
 
 
 def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
@@ -39,35 +48,80 @@ def slot_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
 
 
+def _read_slot(source, index: int, flip: bool, condition_fields: tuple[str, ...]) -> tuple[np.ndarray, list]:
+    """(clean view, condition values) of one sample; a shard dataset decodes only the view the slot uses."""
+    if hasattr(source, "read"):
+        view = "x_flip" if flip and "x_flip" in source.fields else "x"
+        sample = source.read(index, (view, *condition_fields))
+    else:  # an in-memory sequence of sample dicts
+        sample = source[index]
+        view = "x_flip" if flip and "x_flip" in sample else "x"
+    return sample[view], [sample[name] for name in condition_fields]
+
+
 def load_micro_batch(
     plan: StepPlan, slots: np.ndarray, sources: dict[int, Sequence[dict]], condition_fields: Sequence[str] = ("label",)
 ) -> MicroBatch:
-    """Reads the samples of `slots` from their sources (`{TARGET: dataset, BANK: dataset}`) and stacks the
-    clean sample (`x`, or `x_flip` where the slot flips), its noise and the condition fields."""
-    samples = [sources[plan.source[s]][plan.index[s]] for s in slots]
-    views = [
-        sample["x_flip"] if flip and "x_flip" in sample else sample["x"]
-        for sample, flip in zip(samples, plan.flip[slots])
+    """Reads the samples of `slots` (slot ids the plan holds) from their sources (`{TARGET: dataset, BANK: dataset}`)
+    and stacks the clean sample (`x`, or `x_flip` where the slot flips), its noise and the condition fields."""
+    slots = np.asarray(slots, dtype=np.int64)
+    at = plan.positions(slots)
+    condition_fields = tuple(condition_fields)
+    read = [
+        _read_slot(sources[source], index, flip, condition_fields)
+        for source, index, flip in zip(plan.source[at].tolist(), plan.index[at].tolist(), plan.flip[at].tolist())
     ]
-    x0 = torch.from_numpy(np.stack(views).astype(np.float32))
-    noise = torch.stack([slot_noise(plan.noise_seed[s], x0.shape[1:]) for s in slots])
+    x0 = torch.from_numpy(np.stack([view for view, _ in read]).astype(np.float32))
+    noise = torch.stack([slot_noise(seed, x0.shape[1:]) for seed in plan.noise_seed[at].tolist()])
     return MicroBatch(
         x0=x0,
         noise=noise,
-        t=torch.from_numpy(plan.t[slots]),
+        t=torch.from_numpy(plan.t[at]),
         condition={
-            name: torch.from_numpy(np.stack([np.asarray(s[name]) for s in samples])) for name in condition_fields
+            name: torch.from_numpy(np.stack([np.asarray(values[i]) for _, values in read]))
+            for i, name in enumerate(condition_fields)
         },
-        null_condition=torch.from_numpy(plan.null_condition[slots]),
-        is_bank=torch.from_numpy(plan.source[slots] == BANK),
-        ids=np.stack([slots, plan.source[slots], plan.index[slots]], axis=1),
+        null_condition=torch.from_numpy(plan.null_condition[at]),
+        is_bank=torch.from_numpy(plan.source[at] == BANK),
+        ids=np.stack([slots, plan.source[at], plan.index[at]], axis=1),
     )
 
 
-class StepLoader:
-    """Reads the micro-batches of step k+1 on a background thread while step k computes.
+class StepDataset(torch.utils.data.Dataset):
+    """Item k is this rank's micro-batches of global step k: a pure function of k, so any process can read it."""
 
-    Every step is a pure function of its number, so reading ahead changes nothing but the wait.
+    def __init__(self, planner, sources, slots_per_micro_step: list[np.ndarray], condition_fields: Sequence[str]):
+        self.planner, self.sources = planner, sources
+        self.slots = [np.asarray(slots, dtype=np.int64) for slots in slots_per_micro_step]
+        self.condition_fields = tuple(condition_fields)
+        self._rank_slots = np.concatenate(self.slots) if self.slots else np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, step: int) -> list[MicroBatch]:
+        plan = self.planner.plan(step, self._rank_slots)  # only this rank's slots are planned
+        return [load_micro_batch(plan, slots, self.sources, self.condition_fields) for slots in self.slots]
+
+
+class _StepsFrom(torch.utils.data.Sampler):
+    """Steps start, start + 1, ...; `start` is set before each new iteration (a resume or a jump)."""
+
+    def __init__(self) -> None:
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+def _as_is(item):
+    return item
+
+
+class StepLoader:
+    """Reads the micro-batches of the steps after the current one while it computes.
+
+    With `num_workers` > 0, worker processes decode steps (each `prefetch` steps ahead, as DataLoader's
+    prefetch_factor); with 0, a background thread reads `prefetch` steps ahead. Every step is a pure
+    function of its number, so reading ahead changes nothing but the wait; `get(k)` returns step k's
+    micro-batches even after a jump (a resume). An error in a worker is raised by `get`, with its message.
     """
 
     def __init__(
@@ -76,24 +130,61 @@ class StepLoader:
         sources: dict[int, Sequence[dict]],
         slots_per_micro_step: list[np.ndarray],
         condition_fields: Sequence[str] = ("label",),
+        *,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        pin_memory: bool = False,
     ):
-        self.planner, self.sources, self.slots = planner, sources, slots_per_micro_step
-        self.condition_fields = tuple(condition_fields)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
-        self._ahead: tuple[int, Future] | None = None
-
-    def _read(self, step: int) -> list[MicroBatch]:
-        plan = self.planner.plan(step)
-        return [load_micro_batch(plan, slots, self.sources, self.condition_fields) for slots in self.slots]
+        if num_workers < 0 or prefetch < 1:
+            raise ValueError(
+                f"data.num_workers={num_workers} and data.prefetch={prefetch}: use num_workers >= 0 and prefetch >= 1"
+            )
+        self.dataset = StepDataset(planner, sources, slots_per_micro_step, condition_fields)
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+        self._next_step: int | None = None
+        self._iterator = None
+        self._steps = _StepsFrom()
+        if num_workers:
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, sampler=self._steps, collate_fn=_as_is, num_workers=num_workers,
+                prefetch_factor=prefetch, persistent_workers=True, pin_memory=pin_memory,
+            )  # fmt: skip
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")
+            self._ahead: dict[int, Future] = {}
 
     def get(self, step: int) -> list[MicroBatch]:
-        """The micro-batches of `step`, then starts reading `step + 1`."""
-        if self._ahead is not None and self._ahead[0] == step:
-            batches = self._ahead[1].result()
+        """The micro-batches of `step`; the steps after it are read meanwhile."""
+        if self.num_workers:
+            if self._iterator is None or step != self._next_step:
+                self._steps.start = step  # a new iteration from `step`; persistent workers drop stale reads
+                self._iterator = iter(self._loader)
+            batches = next(self._iterator)
         else:
-            batches = self._read(step)
-        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+            batches = self._threaded(step)
+        self._next_step = step + 1
+        return batches
+
+    def _read(self, step: int) -> list[MicroBatch]:
+        batches = self.dataset[step]
+        return [batch.pin_memory() for batch in batches] if self.pin_memory else batches
+
+    def _threaded(self, step: int) -> list[MicroBatch]:
+        future = self._ahead.pop(step, None)
+        batches = future.result() if future is not None else self._read(step)
+        wanted = range(step + 1, step + self.prefetch + 1)
+        for stale in [k for k in self._ahead if k not in wanted]:  # after a jump: reads nobody will ask for
+            self._ahead.pop(stale).cancel()
+        for ahead in wanted:
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._pool.submit(self._read, ahead)
         return batches
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Ends the workers (or the thread); the loader is unusable afterwards."""
+        if self.num_workers:
+            if self._iterator is not None:
+                self._iterator._shutdown_workers()  # what DataLoader's own iterator does when it is collected
+            self._iterator = None
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -32,6 +32,7 @@ from data.shards import (
     _check_fields,
     _check_verify,
     _encode,
+    field_columns,
     file_sha256,
     locate,
     read_manifest,
@@ -242,6 +243,23 @@ def check_mds_shard(
     return entries
 
 
+def _decode_columns(reader: Any, data: bytes, names: Iterable[str]) -> dict[str, Any]:
+    """MDSReader.decode_sample for `names` only: the other columns are skipped undecoded."""
+    from streaming.base.format.mds.encodings import mds_decode  # loaded with the reader, by _streaming()
+
+    wanted, sample, offset, sizes = set(names), {}, 0, []
+    for size in reader.column_sizes:  # a sample starts with a uint32 size per variable-size column
+        if not size:
+            size = int(np.frombuffer(data, np.uint32, 1, offset)[0])
+            offset += 4
+        sizes.append(size)
+    for name, encoding, size in zip(reader.column_names, reader.column_encodings, sizes, strict=True):
+        if name in wanted:
+            sample[name] = mds_decode(encoding, data[offset : offset + size])
+        offset += size
+    return sample
+
+
 class MDSDataset:
     """Random access to an MDS shard set by global sample index, a drop-in for data.shards.ShardDataset.
 
@@ -268,14 +286,28 @@ class MDSDataset:
     def __len__(self) -> int:
         return self.manifest.num_samples
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(sorted(self.manifest.fields))
+
     def __getitem__(self, index: int) -> dict:
+        return self.read(index)
+
+    def read(self, index: int, fields: Iterable[str] | None = None) -> dict:
+        """Sample `index` with only `fields` (all when None) decoded, plus its "__index__"."""
+        names = (
+            self.fields
+            if fields is None
+            else [self.fields[c] for c in field_columns(self.fields, fields, self.directory)]
+        )
         index, shard = locate(index, self._starts, len(self), self.directory)
         local = index - self._starts[shard]
         file = bisect.bisect_right(self._file_starts[shard], local) - 1
         path = self.directory / self.manifest.shards[shard].name
         try:
-            sample = self._reader(shard, file).get_item(local - self._file_starts[shard][file])
-            for name in self._png:
+            reader = self._reader(shard, file)
+            sample = _decode_columns(reader, reader.get_sample_data(local - self._file_starts[shard][file]), names)
+            for name in set(self._png) & set(names):
                 with sample[name] as image:
                     if image.format != "PNG":  # MDS opens any image format; a png field holds PNG only
                         raise ValueError(f"{name!r} is {image.format}, not PNG")
@@ -284,7 +316,7 @@ class MDSDataset:
             raise _bad_shard(path, "disappeared after start-up") from err
         except (ValueError, TypeError, IndexError, KeyError, OSError, EOFError, Image.DecompressionBombError) as err:
             raise _bad_shard(path, f"has an undecodable sample {index} ({err})") from err
-        for name in self._npy:  # frombuffer gives read-only arrays; ShardDataset's are writable
+        for name in set(self._npy) & set(names):  # frombuffer gives read-only arrays; ShardDataset's are writable
             sample[name] = sample[name].copy()
         sample["__index__"] = index
         return sample

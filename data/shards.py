@@ -332,6 +332,15 @@ def locate(index: int, starts: list[int], num_samples: int, directory: Path) -> 
     return index, bisect.bisect_right(starts, index) - 1
 
 
+def field_columns(names: list[str], fields: Iterable[str], directory: Path) -> list[int]:
+    """Positions of `fields` among a shard set's field `names`; ShardError naming any field it lacks."""
+    fields = list(fields)
+    missing = [name for name in fields if name not in names]
+    if missing:
+        raise ShardError(f"{directory} has no field {missing} (its fields are {names}); write the shards with them")
+    return [names.index(name) for name in fields]
+
+
 class ShardDataset:
     """Random access to a shard set by global sample index.
 
@@ -370,20 +379,29 @@ class ShardDataset:
     def __len__(self) -> int:
         return self.manifest.num_samples
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
     def __getitem__(self, index: int) -> dict:
+        return self.read(index)
+
+    def read(self, index: int, fields: Iterable[str] | None = None) -> dict:
+        """Sample `index` with only `fields` (all when None) read and decoded, plus its "__index__"."""
+        columns = range(len(self._names)) if fields is None else field_columns(self._names, fields, self.directory)
         index, shard = locate(index, self._starts, len(self), self.directory)
         record = self.manifest.shards[shard]
         path = self.directory / record.name
         fd = self._open(shard)
+        locations = self._locations[shard][index - record.first_index]
         sample: dict[str, Any] = {}
-        for (offset, size), name, ext in zip(
-            self._locations[shard][index - record.first_index], self._names, self._exts, strict=True
-        ):
+        for column in columns:
+            (offset, size), name = locations[column], self._names[column]
             data = os.pread(fd, int(size), int(offset))
             if len(data) != size:
                 raise _bad_shard(path, f"is truncated (short read of sample {index})")
             try:
-                sample[name] = _decode(ext, data)
+                sample[name] = _decode(self._exts[column], data)
             except (ValueError, TypeError, OSError, EOFError) as err:
                 raise _bad_shard(path, f"has an undecodable {name!r} in sample {index} ({err})") from err
         sample["__index__"] = index

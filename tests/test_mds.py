@@ -299,3 +299,17 @@ def test_jobs_write_mds_and_training_reads_it_like_webdataset(tiny, tmp_path):
         runs[fmt] = tmp_path / f"run_{fmt}"
         assert_ok(run_entry("train.py", train_args(tiny, runs[fmt], f"data.bank={directory}", "train.steps=3")))
     assert [m["loss/total"] for m in read_metrics(runs["wds"])] == [m["loss/total"] for m in read_metrics(runs["mds"])]
+
+
+def test_read_decodes_only_the_fields_asked(tmp_path):
+    write_set(tmp_path)
+    dataset = MDSDataset(tmp_path)
+    for index in (0, 4, 8):
+        whole = dataset[index]
+        for fields in (("x_flip", "label"), ("img",), ("caption", "meta", "x")):
+            part = dataset.read(index, fields)
+            assert set(part) == {*fields, "__index__"}
+            for name in fields:
+                assert_same_sample({name: part[name]}, {name: whole[name]})
+    with pytest.raises(ShardError, match=r"has no field \['y'\]"):
+        dataset.read(0, ("x", "y"))

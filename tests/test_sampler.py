@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import chisquare
 
 from data.batch import load_micro_batch
-from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, num_bank_slots, slot_ids
+from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, num_bank_slots, slot_draws, slot_ids, uniform
 
 
 def planner(global_batch_size=32, bank_ratio=0.5, num_target=100, num_bank=60, **kw):
@@ -75,14 +75,14 @@ def test_step_slots_identical_for_any_layout(world_size, accumulation):
     reference = planner().plan(5)
     seen, bank_per_rank = [], []
     for rank in range(world_size):
-        plan = planner().plan(5)  # each rank plans on its own, as separate processes do
         bank = 0
         for m in range(accumulation):
             slots = slot_ids(
                 rank=rank, micro_step=m, world_size=world_size, accumulation_steps=accumulation, micro_batch_size=micro
             )
-            seen += slot_tuples(plan, slots)
-            bank += plan.is_bank[slots].sum()
+            plan = planner().plan(5, slots)  # each rank plans its own slots alone, as separate processes do
+            seen += slot_tuples(plan, range(len(slots)))
+            bank += plan.is_bank.sum()
         bank_per_rank.append(bank)
     assert sorted(seen) == sorted(slot_tuples(reference, range(batch)))
     assert len(seen) == batch
@@ -97,7 +97,8 @@ def test_micro_batch_tensors_do_not_depend_on_the_layout():
     whole = load_micro_batch(plan, np.arange(8), {TARGET: target, BANK: bank})
     for rank in range(2):
         slots = slot_ids(rank=rank, micro_step=0, world_size=2, accumulation_steps=1, micro_batch_size=4)
-        part = load_micro_batch(plan, slots, {TARGET: target, BANK: bank})
+        rank_plan = planner(global_batch_size=8, num_target=50, num_bank=20).plan(3, slots[::-1])
+        part = load_micro_batch(rank_plan, slots, {TARGET: target, BANK: bank})
         assert np.array_equal(part.noise.numpy(), whole.noise.numpy()[slots])
         assert np.array_equal(part.x0.numpy(), whole.x0.numpy()[slots])
 
@@ -129,3 +130,48 @@ def test_plans_depend_on_seed_and_step_only():
         for field in ("source", "index", "t", "noise_seed", "null_condition"):
             assert np.array_equal(getattr(pa, field), getattr(pb, field))
     assert not np.array_equal(planner(seed=2).plan(0).t, a.plan(0).t)
+
+
+FIELDS = ("source", "index", "t", "noise_seed", "null_condition", "flip")
+
+
+@pytest.mark.parametrize("step", [0, 4, 9])  # step 4 crosses an epoch of the target, step 9 of the bank
+def test_a_plan_of_some_slots_equals_the_whole_plan_indexed_by_them(step):
+    p = planner(global_batch_size=24, bank_ratio=0.25, num_target=37, num_bank=11)
+    whole = p.plan(step)
+    assert np.array_equal(whole.slots, np.arange(24))
+    rng = np.random.default_rng(step)
+    for slots in (rng.permutation(24)[:7], np.array([23, 0, 5]), np.arange(24)[::-1], np.empty(0, np.int64)):
+        part = planner(global_batch_size=24, bank_ratio=0.25, num_target=37, num_bank=11).plan(step, slots)
+        assert np.array_equal(part.slots, slots) and part.step == step
+        for field in FIELDS:
+            assert np.array_equal(getattr(part, field), getattr(whole, field)[slots]), field
+        assert np.array_equal(part.positions(slots[::-1]), np.arange(len(slots))[::-1])
+    with pytest.raises(KeyError, match=r"holds no slots \[5\]"):
+        p.plan(step, [1, 2]).positions([2, 5])
+    with pytest.raises(IndexError, match="slot ids must lie in 0..23"):
+        p.plan(step, [3, 24])
+
+
+def test_slot_draws_are_counter_based_and_uniform():
+    slots = np.arange(4096)
+    draws = slot_draws(7, 3, slots, 4)
+    assert draws.shape == (4096, 4) and draws.dtype == np.uint64
+    assert np.array_equal(slot_draws(7, 3, slots[[9, 2]], 4), draws[[9, 2]])  # a slot's draws need no other slot
+    assert len(np.unique(draws)) == draws.size  # no stream repeats another's values
+    for other in (slot_draws(8, 3, slots, 4), slot_draws(7, 4, slots, 4)):  # seed and step both matter
+        assert not np.any(other == draws)
+    u = uniform(draws)
+    assert 0 <= u.min() and u.max() < 1
+    for column in u.T:  # each draw is uniform on [0, 1), and the draws of a slot are uncorrelated
+        assert chisquare(np.histogram(column, np.linspace(0, 1, 17))[0]).pvalue > 1e-4
+    assert np.abs(np.corrcoef(u.T) - np.eye(4)).max() < 0.08
+
+
+def test_noise_seeds_are_distinct_non_negative_and_flips_fair():
+    p = planner(global_batch_size=256)
+    plans = [p.plan(step) for step in range(20)]
+    seeds = np.concatenate([pl.noise_seed for pl in plans])
+    assert seeds.min() >= 0 and len(np.unique(seeds)) == len(seeds)
+    flips = np.concatenate([pl.flip for pl in plans])
+    assert 0.45 < flips.mean() < 0.55

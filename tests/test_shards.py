@@ -333,3 +333,26 @@ def test_forked_dataloader_workers_read_correct_samples(tmp_path):
     assert [int(s["__index__"]) for s in samples] == order
     for sample in samples:
         np.testing.assert_array_equal(np.asarray(sample["x"]), make_sample(int(sample["__index__"]))["x"])
+
+
+def test_read_decodes_only_the_fields_asked(tmp_path):
+    records = write_set(tmp_path)
+    dataset = ShardDataset(tmp_path, verify="size")
+    whole = dataset[4]
+    part = dataset.read(4, ("label", "x"))
+    assert set(part) == {"label", "x", "__index__"}
+    assert part["label"] == whole["label"] and part["__index__"] == 4
+    np.testing.assert_array_equal(part["x"], whole["x"])
+    assert set(dataset.read(4)) == set(FIELDS) | {"__index__"}
+    # Garble sample 4's caption in place (same size): reads that skip it still work, a whole read fails.
+    path = tmp_path / records[1].name
+    with tarfile.open(path) as tar:
+        member = tar.getmember("0000000004.caption.txt")
+    data = bytearray(path.read_bytes())
+    data[member.offset_data : member.offset_data + member.size] = b"\xff" * member.size
+    path.write_bytes(bytes(data))
+    assert dataset.read(4, ("x", "label"))["label"] == whole["label"]
+    with pytest.raises(ShardError, match="undecodable 'caption' in sample 4"):
+        dataset[4]
+    with pytest.raises(ShardError, match=r"has no field \['x_flip'\]"):
+        dataset.read(4, ("x", "x_flip"))

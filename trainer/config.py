@@ -42,6 +42,8 @@ class DataConfig:
     verify: str = "sha256"  # sha256 | size | none: how shards are checked against the manifest at start-up
     format: str = "wds"  # wds (webdataset tars) | mds (mosaicml-streaming) for the shards the jobs write;
     # readers take the format from the manifest
+    num_workers: int = 2  # processes decoding the next steps while one trains; 0: one background thread
+    prefetch: int = 2  # steps each worker (or the thread) reads ahead: DataLoader's prefetch_factor
 
 
 @dataclass
