@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +84,8 @@ def measure(args) -> None:
         print(format_report(result), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def check(args) -> int:
@@ -100,6 +103,8 @@ def check(args) -> int:
             "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false", *args.overrides,
         ]  # fmt: skip
         text, ok = check_small_model(load_config(args.config, overrides))
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(text, flush=True)
     return 0 if ok else 1
 

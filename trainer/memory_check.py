@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,9 +81,17 @@ def make_random_dit_xl2(folder: Path) -> Path:
 def check_dit_xl2_zero3(num_ranks: int = 2, steps: int = 2, workdir: str | None = None) -> tuple[str, bool]:
     """Trains the random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked,
     and compares every rank's peak with the plan. Needs ~3 GB of disk and several GB of memory per rank."""
+    root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
+    try:
+        return _run_dit_xl2_zero3(root, num_ranks, steps)
+    finally:
+        if workdir is None:  # ~3 GB of random weights
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_dit_xl2_zero3(root: Path, num_ranks: int, steps: int) -> tuple[str, bool]:
     from tests.tiny import make_shards  # the benchmark's synthetic data; imported only in this mode
 
-    root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
     pretrained = root / "dit_xl2"
     if not (pretrained / "transformer" / "config.json").is_file():
         make_random_dit_xl2(pretrained)
