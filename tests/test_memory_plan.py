@@ -13,6 +13,7 @@ from diffusers import DiTTransformer2DModel
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_tiny_dit
 from trainer.loss import NoiseSchedule, diffusion_loss
+from trainer.memory_check import tracked_ranks
 from trainer.memory_plan import activation_bytes, build_plan_model, plan_memory, plan_table
 from trainer.memory_tracker import LiveTensorMemory
 
@@ -124,3 +125,9 @@ def test_benchmark_writes_every_figure(tiny, tmp_path):
         result["step_ms"]["difftune"] / result["step_ms"]["plain"]
     )
     assert "step-time ratio Diff-Tuning / minimal loop" in proc.stdout
+
+
+def test_every_rank_reports_its_tracked_peak_under_zero3(tiny, tmp_path):
+    """The wiring of --check_plan_xl2, on the tiny DiT: 2 CPU ranks under ZeRO-3, each rank's peak tracked."""
+    plan, measured = tracked_ranks(tiny["pretrained"], tmp_path, num_ranks=2, steps=2, zero_stage=3)
+    assert len(measured) == 2 and all(peak > plan.optimizer for peak in measured)

@@ -79,31 +79,38 @@ def make_random_dit_xl2(folder: Path) -> Path:
 
 
 def check_dit_xl2_zero3(num_ranks: int = 2, steps: int = 2, workdir: str | None = None) -> tuple[str, bool]:
-    """Trains the random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked,
-    and compares every rank's peak with the plan. Needs ~3 GB of disk and several GB of memory per rank."""
+    """Trains a random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked, and
+    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, more for the final checkpoint,
+    and several GB of memory per rank."""
     root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
     try:
-        return _run_dit_xl2_zero3(root, num_ranks, steps)
+        pretrained = root / "dit_xl2"
+        if not (pretrained / "transformer" / "config.json").is_file():
+            make_random_dit_xl2(pretrained)
+        plan, measured = tracked_ranks(pretrained, root, num_ranks=num_ranks, steps=steps, zero_stage=3)
+        text, ok = compare(plan, measured)
+        return f"random DiT-XL/2, {num_ranks} CPU ranks, ZeRO-3, fp32, micro-batch 1, {steps} steps\n{text}", ok
     finally:
         if workdir is None:  # ~3 GB of random weights
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _run_dit_xl2_zero3(root: Path, num_ranks: int, steps: int) -> tuple[str, bool]:
+def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, zero_stage: int,
+                  micro_batch_size: int = 1) -> tuple[MemoryPlan, list[int]]:  # fmt: skip
+    """Launches `deepspeed --num_gpus N launch/benchmark.py --track_train` on a DiT folder with synthetic data;
+    returns the plan and every rank's tracked peak."""
     from tests.tiny import make_shards  # the benchmark's synthetic data; imported only in this mode
 
-    pretrained = root / "dit_xl2"
-    if not (pretrained / "transformer" / "config.json").is_file():
-        make_random_dit_xl2(pretrained)
-    shape = (4, 32, 32)
-    target = make_shards(root / "target", 16, shape=shape, num_classes=4, per_shard=8)
-    bank = make_shards(root / "bank", 16, shape=shape, num_classes=1000, per_shard=8, seed=1)
+    config = DiTTransformer2DModel.load_config(pretrained / "transformer")
+    shape = (config["in_channels"], config["sample_size"], config["sample_size"])
+    target = make_shards(root / "target", 16, shape=shape, num_classes=2, per_shard=8)
+    bank = make_shards(root / "bank", 16, shape=shape, num_classes=2, per_shard=8, seed=1)
     run_dir = root / "run"
     overrides = [
         f"model.pretrained={pretrained}", "model.num_classes=0", f"data.target={target}", f"data.bank={bank}",
-        f"run.dir={run_dir}", f"train.steps={steps}", "train.zero_stage=3", "train.precision=fp32",
-        f"train.global_batch_size={num_ranks}", "train.micro_batch_size=1", "data.verify=size",
-        "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false",
+        f"run.dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero_stage}", "train.precision=fp32",
+        f"train.global_batch_size={num_ranks * micro_batch_size}", f"train.micro_batch_size={micro_batch_size}",
+        "data.verify=size", "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false",
     ]  # fmt: skip
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -111,8 +118,6 @@ def _run_dit_xl2_zero3(root: Path, num_ranks: int, steps: int) -> tuple[str, boo
                "--config", "dit_xl2_paper", *overrides]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"the tracked DiT-XL/2 run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"the tracked training run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     measured = [json.loads((run_dir / f"memory_rank{r}.json").read_text())["peak_bytes"] for r in range(num_ranks)]
-    plan = plan_for(load_config("dit_xl2_paper", overrides), num_ranks)
-    text, ok = compare(plan, measured)
-    return f"random DiT-XL/2, {num_ranks} CPU ranks, ZeRO-3, fp32, micro-batch 1, {steps} steps\n{text}", ok
+    return plan_for(load_config("dit_xl2_paper", overrides), num_ranks), measured
