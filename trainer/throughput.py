@@ -79,9 +79,8 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def trainer_intervals(cfg_args: tuple[str | None, list[str]], run_dir: Path, steps: int, log_every: int) -> list[dict]:
+def trainer_intervals(config: str | None, overrides: list[str], run_dir: Path, steps: int, log_every: int) -> list:
     """Runs the trainer; returns rank 0's logged intervals (empty on other ranks)."""
-    config, overrides = cfg_args
     cfg = load_config(config, [*overrides, *benchmark_overrides(run_dir, steps, log_every)])
     train(cfg, overwrite=True)
     intervals = read_jsonl(run_dir / "metrics.jsonl") if dist.get_rank() == 0 else []
@@ -207,22 +206,20 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
     """Runs every variant `rounds` times, alternating; returns the figures (on rank 0; other ranks get theirs)."""
     rank, world_size, device = distributed.init()
     cfg = load_config(config, [*overrides, *benchmark_overrides(workdir / "probe", steps, log_every)])
-    plain = PlainLoop(cfg, device, world_size)
-    flops = plain.flops_per_step()
+    flops = PlainLoop(cfg, device, world_size).flops_per_step()
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     wait: dict[str, list[float]] = {v: [] for v in VARIANTS}
     peaks: dict[str, int] = {v: 0 for v in VARIANTS}
     batch = cfg.train.global_batch_size
     for repeat in range(rounds):
         for variant in VARIANTS:
-            _reset_peak(device)
+            _reset_peak(device)  # each variant builds its model afresh, so its peak is its own
             if variant == "plain":
-                times = plain.interval_seconds(steps, log_every)
+                times = PlainLoop(cfg, device, world_size).interval_seconds(steps, log_every)
                 seconds[variant] += times[warmup_intervals:]
             else:
                 extra = FINETUNE if variant == "finetune" else []
-                rows = trainer_intervals((config, [*overrides, *extra]), workdir / f"{variant}{repeat}", steps,
-                                         log_every)  # fmt: skip
+                rows = trainer_intervals(config, [*overrides, *extra], workdir / f"{variant}{repeat}", steps, log_every)
                 seconds[variant] += [batch / r["images_per_second"] for r in rows[warmup_intervals:]]
                 wait[variant] += [r["time/data_wait_fraction"] for r in rows[warmup_intervals:]]
             peaks[variant] = max(peaks[variant], _peak_bytes(device))
