@@ -23,5 +23,9 @@ test: lint
 demo: env
 	DS_ACCELERATOR=cpu $(PY) launch/demo.py
 
+# The CPU benchmark of the small DiT, the memory plans of DiT-XL/2 and SD1.5 + ControlNet on 8 x 80 GB,
+# and the plan checked against the tracked peak of a real CPU training run.
 bench: env
-	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --out bench.json
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --plan --out bench_plan.json
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --check_plan

@@ -1,0 +1,123 @@
+"""The memory plan against a measurement: the real trainer's peak of live tensor bytes, per rank.
+
+`tracked_training` runs `trainer.loop.train` (what `launch/train.py` runs) under `LiveTensorMemory` and writes
+each rank's peak to `run.dir/memory_rank{r}.json`; `compare` puts it next to `plan_memory` of the same model,
+world size, ZeRO stage, precision and micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+from trainer import distributed
+from trainer.config import Config, gradient_accumulation_steps, load_config
+from trainer.loop import train
+from trainer.memory_plan import DIT_XL2, MemoryPlan, build_plan_model, plan_memory
+from trainer.memory_tracker import LiveTensorMemory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tracked_training(cfg: Config) -> int:
+    """Trains under the tracker; returns this rank's peak of live tensor bytes and writes it to run.dir."""
+    rank, world_size, device = distributed.init()
+    tracker = LiveTensorMemory(device.type)
+    with tracker:
+        train(cfg, overwrite=True)
+    Path(cfg.run.dir, f"memory_rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": tracker.peak}))
+    return tracker.peak
+
+
+def plan_for(cfg: Config, world_size: int) -> MemoryPlan:
+    return plan_memory(
+        build_plan_model(cfg.model.pretrained), world_size=world_size, zero_stage=cfg.train.zero_stage,
+        precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size, checkpointing=False,
+    )  # fmt: skip
+
+
+def compare(plan: MemoryPlan, measured_bytes: list[int], tolerance: float = 0.10) -> tuple[str, bool]:
+    """A printed comparison and whether every rank is within `tolerance` of the plan's total."""
+    parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in vars(plan).items())
+    lines = [f"plan per rank (MiB): {parts}; total {plan.total / 2**20:.1f}"]
+    ok = True
+    for rank, measured in enumerate(measured_bytes):
+        ratio = measured / plan.total
+        ok &= abs(ratio - 1) <= tolerance
+        lines.append(f"rank {rank}: measured peak {measured / 2**20:.1f} MiB = {ratio:.3f} x plan")
+    verdict = "within" if ok else "NOT within"
+    lines.append(f"measured peak of live tensors {verdict} {tolerance:.0%} of the plan")
+    return "\n".join(lines), ok
+
+
+def check_small_model(cfg: Config) -> tuple[str, bool]:
+    """One process: the tracked trainer against the plan (gradient accumulation > 1 keeps gradients and the next
+    micro-batch's activations alive together, which is what the plan's total counts)."""
+    _, world_size, _ = distributed.init()
+    if gradient_accumulation_steps(cfg, world_size) < 2:
+        raise ValueError("--check_plan needs train.global_batch_size >= 2 x ranks x train.micro_batch_size")
+    peak = tracked_training(cfg)
+    return compare(plan_for(cfg, world_size), [peak])
+
+
+def make_random_dit_xl2(folder: Path) -> Path:
+    """A random DiT-XL/2 (the real architecture, ~3 GB of fp32 weights) saved as a diffusers folder."""
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**DIT_XL2).save_pretrained(folder / "transformer", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear").save_pretrained(
+        folder / "scheduler"
+    )
+    return folder
+
+
+def check_dit_xl2_zero3(num_ranks: int = 2, steps: int = 2, workdir: str | None = None) -> tuple[str, bool]:
+    """Trains a random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked, and
+    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, more for the final checkpoint,
+    and several GB of memory per rank."""
+    root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
+    try:
+        pretrained = root / "dit_xl2"
+        if not (pretrained / "transformer" / "config.json").is_file():
+            make_random_dit_xl2(pretrained)
+        plan, measured = tracked_ranks(pretrained, root, num_ranks=num_ranks, steps=steps, zero_stage=3)
+        text, ok = compare(plan, measured)
+        return f"random DiT-XL/2, {num_ranks} CPU ranks, ZeRO-3, fp32, micro-batch 1, {steps} steps\n{text}", ok
+    finally:
+        if workdir is None:  # ~3 GB of random weights
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, zero_stage: int,
+                  micro_batch_size: int = 1) -> tuple[MemoryPlan, list[int]]:  # fmt: skip
+    """Launches `deepspeed --num_gpus N launch/benchmark.py --track_train` on a DiT folder with synthetic data;
+    returns the plan and every rank's tracked peak."""
+    from tests.tiny import make_shards  # the benchmark's synthetic data; imported only in this mode
+
+    config = DiTTransformer2DModel.load_config(pretrained / "transformer")
+    shape = (config["in_channels"], config["sample_size"], config["sample_size"])
+    target = make_shards(root / "target", 16, shape=shape, num_classes=2, per_shard=8)
+    bank = make_shards(root / "bank", 16, shape=shape, num_classes=2, per_shard=8, seed=1)
+    run_dir = root / "run"
+    overrides = [
+        f"model.pretrained={pretrained}", "model.num_classes=0", f"data.target={target}", f"data.bank={bank}",
+        f"run.dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero_stage}", "train.precision=fp32",
+        f"train.global_batch_size={num_ranks * micro_batch_size}", f"train.micro_batch_size={micro_batch_size}",
+        "data.verify=size", "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false",
+    ]  # fmt: skip
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [launcher, "--num_gpus", str(num_ranks), str(ROOT / "launch" / "benchmark.py"), "--track_train",
+               "--config", "dit_xl2_paper", *overrides]  # fmt: skip
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the tracked training run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    measured = [json.loads((run_dir / f"memory_rank{r}.json").read_text())["peak_bytes"] for r in range(num_ranks)]
+    return plan_for(load_config("dit_xl2_paper", overrides), num_ranks), measured
