@@ -192,3 +192,10 @@ def test_replacement_curve_and_denoising_modes(kit, one_rank, tmp_path):
     single = run_entry("evaluate.py", eval_args(kit, tmp_path / "one", *args[args.index("eval.mode=denoising") :]))
     assert_ok(single)
     assert json.loads((tmp_path / "one" / "denoising.json").read_text())["errors"] == errors
+
+
+def test_slurm_template_runs_the_evaluation_on_every_gpu():
+    from tests.test_slurm import dry_run
+
+    out = dry_run("launch/slurm/evaluate.sbatch", "eval.model=/runs/a", "eval.out=/runs/a/eval")
+    assert "--ntasks-per-node=4 python launch/evaluate.py --config dit_xl2_paper eval.model=/runs/a" in out

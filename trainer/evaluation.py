@@ -136,7 +136,7 @@ def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> 
 def metrics_table(rows: dict[str, dict]) -> str:
     lines = [f"{'samples':16}" + "".join(f"{name:>12}" for name in METRIC_NAMES)]
     for name, row in rows.items():
-        lines.append(f"{name:16}" + "".join(f"{row[metric]:12.4f}" for metric in METRIC_NAMES))
+        lines.append(f"{name:16}" + "".join(f"{row[metric]:12.5g}" for metric in METRIC_NAMES))
     return "\n".join(lines)
 
 
