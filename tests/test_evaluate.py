@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -199,3 +200,33 @@ def test_slurm_template_runs_the_evaluation_on_every_gpu():
 
     out = dry_run("launch/slurm/evaluate.sbatch", "eval.model=/runs/a", "eval.out=/runs/a/eval")
     assert "--ntasks-per-node=4 python launch/evaluate.py --config dit_xl2_paper eval.model=/runs/a" in out
+
+
+def test_an_image_folder_reference_reads_as_uint8_at_the_sample_size(kit, tmp_path):
+    from data import procedural
+    from trainer.evaluation_data import open_image_set
+
+    folder = procedural.write_image_folder("target", tmp_path / "images", 2, seed=0, size=16)
+    family = family_class("dit").from_pretrained(str(kit["finetuned"]))
+    reference = open_image_set(str(folder), family, image_size=8)
+    batch = reference.read(range(reference.num_images))
+    assert batch.dtype == torch.uint8 and batch.shape == (2 * procedural.NUM_CLASSES, 3, 8, 8)
+    assert len(reference.classes) == procedural.NUM_CLASSES and batch.float().std() > 0
+    assert open_image_set(str(folder), family, image_size=16).fingerprint != reference.fingerprint
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.mode=fid", "eval.mode='fid' is not one of"),
+        ("eval.sampler=euler", "eval.sampler='euler' is not one of"),
+        ("eval.handover=[0,1.5]", "every share p must lie in [0, 1]"),
+        ("eval.mode=drift", "eval.mode=drift needs eval.pretrained set"),
+        ("eval.feature_net=null", "set exactly one of eval.inception"),
+    ],
+)
+def test_bad_evaluation_settings_are_named(kit, tmp_path, override, message):
+    args = eval_args(kit, tmp_path / "eval", override)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(load_config(args[1], args[2:]))
+    assert not (tmp_path / "eval").exists()
