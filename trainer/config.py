@@ -126,6 +126,30 @@ class EvalConfig:
     seed: int = 0
     threshold: float | None = None  # None: the paper's threshold for model.control
     blur_sigma: float = 2.0  # Gaussian blur (pixels) of edges and sketches before SSIM
+    # launch/evaluate.py (trainer/evaluation.py) also reads eval.batch_size (sampling and feature batches) and
+    # eval.seed (sample i's class and noise come from (eval.seed, i)).
+    mode: str = "metrics"  # metrics | replacement | denoising | drift
+    model: str = ""  # a diffusers folder, or a run directory (its export/ema is evaluated)
+    reference: str = ""  # shard directory or ImageFolder of real images (denoising: held-out target shards)
+    out: str = ""  # results, sample shards and plots; a rerun with the same settings redoes only what is missing
+    num_samples: int = 10000  # FID-10K (paper)
+    num_classes: int = 0  # classes sampled in turn; 0: the reference's classes, else the model's label space
+    sampler: str = "ddim"  # ddim | dpm++ (diffusers' DPMSolverMultistepScheduler)
+    sample_steps: int = 50  # paper: DDIM-50
+    cfg_scale: float = 1.5  # classifier-free guidance of the samples (paper: 1.5)
+    samples_per_shard: int = 1000
+    inception: str | None = None  # local pt_inception-2015-12-05-6726825d.pth: Inception-v3 features
+    feature_net: str | None = None  # or a models/feature_net.py net (.pt): small images, tests, the demo
+    cache: str = "runs/eval_cache"  # reference features, by the reference's and the extractor's fingerprints
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_neighbours: int = 3  # k of the k-NN precision/recall (Kynkaanniemi et al., 2019)
+    grid_images: int = 64  # samples in grid.png (0: none)
+    pretrained: str | None = None  # replacement and drift: the pre-trained model folder
+    handover: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # replacement: share p
+    handover_labels: str = "null"  # null: the pre-trained model denoises unconditionally | same: with the labels
+    models: list[str] = field(default_factory=list)  # denoising: model folders or runs, as name=path or path
+    bands: list[int] = field(default_factory=lambda: [0, 100, 300, 600, 1000])  # denoising: timestep band edges
 
 
 @dataclass

@@ -1,0 +1,167 @@
+"""Distributed evaluation of a model folder or run (launch/evaluate.py): sample metrics and the forgetting analyses.
+
+eval.mode=metrics samples eval.num_samples images on every rank and compares them with eval.reference (FID, sFID,
+KID, precision/recall); replacement hands the last p% of the reverse steps to eval.pretrained (the chain of
+forgetting) and gives the metrics per p; denoising and drift are in trainer/evaluation_analyses.py.
+Everything lands in eval.out: results JSON, a printed table, sample grids and plots (rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from data.files import atomic_write_bytes
+from trainer import distributed
+from trainer.config import Config, ConfigError
+from trainer.evaluation_data import ImageSet, image_size_of, open_image_set, reference_features, set_features
+from trainer.evaluation_features import all_metrics, check_feature_source, load_extractor
+from trainer.evaluation_sampling import SAMPLERS, Denoiser, load_model, write_sample_set
+from trainer.metrics import image_grid
+
+MODES = ("metrics", "replacement", "denoising", "drift")
+METRIC_NAMES = ("fid", "sfid", "kid", "precision", "recall")
+
+
+def check_eval_config(cfg: Config) -> None:
+    """Cross-field rules of launch/evaluate.py, before any work."""
+    ev = cfg.eval
+    if ev.mode not in MODES:
+        raise ConfigError(f"eval.mode={ev.mode!r} is not one of {MODES}")
+    if cfg.model.family != "dit":
+        raise ConfigError("launch/evaluate.py evaluates model.family=dit models for now (sd_controlnet: not yet)")
+    if not ev.out:
+        raise ConfigError("eval.out must be set: the folder of the samples, results and plots, e.g. eval.out=runs/eval")
+    needs = {"metrics": ("model", "reference"), "replacement": ("model", "reference", "pretrained"),
+             "denoising": ("models", "reference"), "drift": ("model", "pretrained")}[ev.mode]  # fmt: skip
+    missing = [f"eval.{key}" for key in needs if not getattr(ev, key)]
+    if missing:
+        raise ConfigError(f"eval.mode={ev.mode} needs {', '.join(missing)} set, e.g. `{missing[0]}=/path/to/...`")
+    if ev.sampler not in SAMPLERS:
+        raise ConfigError(f"eval.sampler={ev.sampler!r} is not one of {SAMPLERS}")
+    for key in ("num_samples", "sample_steps", "samples_per_shard", "kid_subsets", "kid_subset_size", "pr_neighbours"):
+        if getattr(ev, key) < 1:
+            raise ConfigError(f"eval.{key}={getattr(ev, key)} must be at least 1")
+    if ev.handover_labels not in ("null", "same"):
+        raise ConfigError(f"eval.handover_labels={ev.handover_labels!r} is not one of ('null', 'same')")
+    if any(not 0.0 <= p <= 1.0 for p in ev.handover):
+        raise ConfigError(f"eval.handover={list(ev.handover)}: every share p must lie in [0, 1] (1 = all steps)")
+    if ev.mode in ("metrics", "replacement"):
+        check_feature_source(ev)  # a missing weights file stops the job before any sampling
+
+
+def evaluate(cfg: Config) -> dict:
+    check_eval_config(cfg)
+    rank, world, device = distributed.init()
+    Path(cfg.eval.out).mkdir(parents=True, exist_ok=True)
+    if cfg.eval.mode in ("denoising", "drift"):
+        from trainer.evaluation_analyses import denoising_mode, drift_mode
+
+        mode = denoising_mode if cfg.eval.mode == "denoising" else drift_mode
+        return mode(cfg, rank, world, device)
+    return sample_metrics(cfg, rank, world, device)
+
+
+def class_count(cfg: Config, family, reference: ImageSet) -> int:
+    """eval.num_classes, else the reference's classes, else the model's whole label space."""
+    count = cfg.eval.num_classes or len(reference.classes or []) or family.null_condition
+    if count > family.null_condition:
+        raise ConfigError(
+            f"{count} classes to sample (eval.num_classes or the reference's classes) but the model has "
+            f"{family.null_condition}: set eval.num_classes <= {family.null_condition}"
+        )
+    return count
+
+
+def handover_steps(share: float, num_steps: int) -> int:
+    return round(share * num_steps)
+
+
+def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
+    ev, out = cfg.eval, Path(cfg.eval.out)
+    extractor = load_extractor(ev, device)
+    family, denoiser = load_model(ev.model, "eval.model", device)
+    size = image_size_of(family)
+    reference = open_image_set(ev.reference, family, size, verify=cfg.data.verify)
+    settings = {
+        "num_samples": ev.num_samples, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
+        "num_classes": class_count(cfg, family, reference), "sampler": ev.sampler, "num_steps": ev.sample_steps,
+        "guidance_scale": ev.cfg_scale, "seed": ev.seed, "sample_shape": list(family.sample_shape),
+    }  # fmt: skip
+    fine_tuned = Denoiser(family, denoiser, lambda labels: labels)
+    chains = {None: [(fine_tuned, ev.sample_steps)]}
+    if ev.mode == "replacement":
+        pre_family, pre_denoiser = load_model(ev.pretrained, "eval.pretrained", device)
+        if tuple(pre_family.sample_shape) != tuple(family.sample_shape):
+            raise ConfigError(
+                f"eval.pretrained samples {pre_family.sample_shape} but eval.model {family.sample_shape}: "
+                "the replacement curve needs the pre-trained model of this fine-tuned one"
+            )
+        null = pre_family.null_condition
+        labels_of = (lambda labels: torch.full_like(labels, null)) if ev.handover_labels == "null" else (lambda x: x)
+        pretrained = Denoiser(pre_family, pre_denoiser, labels_of)
+        chains = {}
+        for share in ev.handover:
+            late = handover_steps(share, ev.sample_steps)
+            chains[share] = [(fine_tuned, ev.sample_steps - late), (pretrained, late)]
+    say = print if rank == 0 else (lambda message: None)
+    real, cached = reference_features(reference, extractor, size, ev.cache, ev.batch_size, rank, world, device)
+    say(f"evaluate: reference {ev.reference}: {reference.num_images} images ({'cached' if cached else 'computed'})")
+    rows = {}
+    for share, chain in chains.items():
+        name = "samples" if share is None else f"handover_{round(100 * share):03d}"
+        chain = [(model, steps) for model, steps in chain if steps > 0]
+        folder = write_sample_set(out / name, chain, settings, rank=rank, world=world, device=device, log=say)
+        samples = open_image_set(str(folder), family, size, key="eval.out", verify="size")
+        fake = set_features(samples, extractor, size, ev.batch_size, rank, world, device)
+        if rank == 0:
+            rows[name] = {"handover": share, **all_metrics(real, fake, ev)}
+            write_grid(samples, ev.grid_images, out / f"grid_{name}.png")
+    results = {"mode": ev.mode, "model": ev.model, "pretrained": ev.pretrained, "reference": ev.reference,
+               "features": ev.inception or ev.feature_net, "num_reference": reference.num_images, **settings,
+               "results": rows}  # fmt: skip
+    if rank == 0:
+        atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        print(metrics_table(rows), flush=True)
+        if ev.mode == "replacement":
+            plot_replacement(rows, out / "replacement.png")
+    distributed.barrier()
+    return results
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    lines = [f"{'samples':16}" + "".join(f"{name:>12}" for name in METRIC_NAMES)]
+    for name, row in rows.items():
+        lines.append(f"{name:16}" + "".join(f"{row[metric]:12.5g}" for metric in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def write_grid(images: ImageSet, num_images: int, path: Path, min_side: int = 64) -> None:
+    """The first samples, nearest-upscaled so that a 16 px sample shows at least `min_side` px wide."""
+    if num_images <= 0:
+        return
+    batch = images.read(range(min(num_images, images.num_images)))
+    grid = Image.fromarray(image_grid(batch.float() / 127.5 - 1, columns=math.ceil(math.sqrt(len(batch)))))
+    scale = max(1, math.ceil(min_side / batch.shape[-1]))
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+
+
+def plot_replacement(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = [100 * row["handover"] for row in rows.values()]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(shares, [row["fid"] for row in rows.values()], marker="o")
+    axis.set_xlabel("last p% of the reverse steps by the pre-trained model")
+    axis.set_ylabel("FID")
+    axis.set_title("chain of forgetting")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
