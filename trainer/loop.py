@@ -80,7 +80,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
                  micro_batch_size=cfg.train.micro_batch_size)
         for m in range(accumulation)
     ]  # fmt: skip
-    loader = StepLoader(planner, sources, slots, family.condition_fields)
+    loader = StepLoader(
+        planner, sources, slots, family.condition_fields,
+        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
+    )  # fmt: skip
     log = MetricsLogger(run_dir, rank == 0, state.step, cfg.train.steps, cfg.run.progress)
     stats, preemption = StepStats(device, schedule.num_timesteps), PreemptionFlag()
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data.batch import StepLoader
 from data.sampler import slot_ids
 from trainer import distributed
-from trainer.config import Config, DebugConfig, gradient_accumulation_steps, load_config
+from trainer.config import Config, gradient_accumulation_steps, load_config
 from trainer.loop import train
 from trainer.loss import NoiseSchedule, diffusion_loss
 from trainer.setup import build_planner, load_family, open_sources
@@ -223,13 +222,12 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
                 seconds[variant] += [batch / r["images_per_second"] for r in rows[warmup_intervals:]]
                 wait[variant] += [r["time/data_wait_fraction"] for r in rows[warmup_intervals:]]
             peaks[variant] = max(peaks[variant], _peak_bytes(device))
-    reads = None
-    if "count_host_reads" in {f.name for f in fields(DebugConfig)}:  # the trainer counts them itself
-        reads_dir = workdir / "host_reads"
-        counted = [*overrides, "debug.count_host_reads=true"]
-        counted_cfg = load_config(config, [*counted, *benchmark_overrides(reads_dir, 3 * log_every, log_every)])
-        train(counted_cfg, overwrite=True)
-        reads = read_host_reads(reads_dir / "host_reads.jsonl") if rank == 0 else None
+    # One more run counts the host reads of every step (the counter slows steps, so not in the timed runs).
+    reads_dir = workdir / "host_reads"
+    counted = [*overrides, "debug.count_host_reads=true"]
+    counted_cfg = load_config(config, [*counted, *benchmark_overrides(reads_dir, 3 * log_every, log_every)])
+    train(counted_cfg, overwrite=True)
+    reads = read_host_reads(reads_dir / "host_reads" / "rank_00000.jsonl") if rank == 0 else None
     all_peaks = [None] * world_size
     dist.all_gather_object(all_peaks, peaks)
     if rank != 0:
@@ -286,7 +284,7 @@ def format_report(result: dict) -> str:
         row("data-wait share", r["data_wait_share"], ".2%"),
         f"{'host reads per step (no log/save)':34}"
         + (f"{reads['per_step']:>12} (log steps: {reads['per_log_step']}; by origin {reads['by_origin']})"
-           if reads else f"{'n/a':>12} (the trainer has no debug.count_host_reads)"),
+           if reads else f"{'n/a':>12}"),
         f"peak memory is {r['peak_memory_kind']}",
         f"FLOPs per step per rank {r['flops_per_step_per_rank'] / 1e9:.2f} GFLOP (torch.utils.flop_counter); "
         f"peak {r['peak_tflops'] or 'n/a'} TFLOP/s",
