@@ -24,7 +24,14 @@ from tests.tiny import TINY_DIT
 from trainer import distributed
 from trainer.ema import ShardedEMA
 
-CONFIGS = {"z0": (0, "fp32"), "z1": (1, "fp32"), "z2": (2, "fp32"), "z3": (3, "fp32"), "z2bf16": (2, "bf16")}
+CONFIGS = {
+    "z0": (0, "fp32"),
+    "z1": (1, "fp32"),
+    "z2": (2, "fp32"),
+    "z3": (3, "fp32"),
+    "z2bf16": (2, "bf16"),
+    "z3bf16": (3, "bf16"),
+}
 DECAY = 0.8
 SKIPPED_STEP = 2
 

@@ -17,8 +17,8 @@ from tests.conftest import ROOT, assert_ok, child_env, free_port
 from trainer.ema import ShardedEMA, read_saved
 
 pytestmark = pytest.mark.slow
-CONFIGS = ["z0", "z1", "z2", "z3", "z2bf16"]  # as in tests/ema_worker.py
-SHARDED = ["z1", "z2", "z3", "z2bf16"]
+CONFIGS = ["z0", "z1", "z2", "z3", "z2bf16", "z3bf16"]  # as in tests/ema_worker.py
+SHARDED = ["z1", "z2", "z3", "z2bf16", "z3bf16"]
 
 
 def launch(num_procs: int, out: Path, tag: str, *args: str) -> dict:
