@@ -161,13 +161,14 @@ class ShardedEMA:
             _all_gather_bit16(opt)
             return []
         opt = self.optimizer
-        opt.parameter_offload.partition_all_parameters()  # as the step does: persistent ones too
+        # Release every gathered copy, small "persistent" ones too (as the step does): the next forward
+        # gathers them again from the partitions written here.
+        opt.parameter_offload.partition_all_parameters()
         # In fp32 the optimizer's master flat is the partition itself: keep a copy to restore from.
         partitions = opt.fp16_partitioned_groups_flat
         backups = [m.clone() if _same_storage(lp, m) else None for lp, m in zip(partitions, self.masters)]
         for lp, flat in zip(partitions, flats):
             lp.copy_(flat)
-        _gather_persistent(opt)
         return backups
 
     @torch.no_grad()
@@ -185,7 +186,6 @@ class ShardedEMA:
                     master.copy_(backup)
                 else:
                     lp.copy_(master)
-            _gather_persistent(opt)
 
 
 def _layout(stage: int, module: torch.nn.Module, optimizer, names: dict[int, str]):
@@ -239,12 +239,6 @@ def _all_gather_bit16(optimizer) -> None:
         dp_process_group=optimizer.real_dp_process_group, start_alignment_factor=optimizer.nccl_start_alignment_factor,
         allgather_bucket_size=optimizer.allgather_bucket_size,
     )  # fmt: skip
-
-
-def _gather_persistent(optimizer) -> None:
-    """ZeRO-3 keeps small ("persistent") parameters gathered between steps: refresh them after a write."""
-    if optimizer.persistent_parameters:
-        optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
