@@ -19,6 +19,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from diffusers import DiTTransformer2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.tiny import TINY_DIT
 from trainer import distributed
@@ -34,6 +35,18 @@ CONFIGS = {
 }
 DECAY = 0.8
 SKIPPED_STEP = 2
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (`.item()`, `bool()`, `float()` of a tensor)."""
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
 
 
 def build(stage: int, precision: str, world_size: int):
@@ -104,7 +117,9 @@ def train_and_check(engine, steps: int, out: Path, rank: int, world_size: int) -
         engine.step()
         applied = step != SKIPPED_STEP
         before = [s.clone() for s in ema.shadow]
-        ema.update(torch.tensor(float(applied)))
+        with HostReads() as reads:
+            ema.update(torch.tensor(float(applied)))
+        found["host_reads_in_update"] = found.get("host_reads_in_update", 0) + reads.count
         if not applied:
             found["skip_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, ema.shadow))
         masters = master_weights(engine)

@@ -50,6 +50,7 @@ def test_sharded_ema_equals_the_whole_copy(runs, world):
         assert found["error_vs_whole_copy"] <= 1e-6, (world, name, found)
         assert found["ema_differs_from_weights"], (world, name)  # the comparison is not trivially true
         assert found["skip_unchanged"], (world, name)  # applied = 0 changes nothing
+        assert found["host_reads_in_update"] == 0, (world, name)
         assert found["keys"] and found["untrained_from_module"], (world, name)  # frozen weights and buffers
 
 

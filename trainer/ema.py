@@ -65,7 +65,10 @@ class ShardedEMA:
 
         A skipped step (applied = 0) leaves the EMA as it was, decided on the device without a host read.
         """
-        torch._foreach_lerp_(self.shadow, self.masters, applied.to(torch.float32) * (1.0 - self.decay))
+        weight = applied.to(torch.float32) * (1.0 - self.decay)
+        # One 0-d weight tensor per flat: passing the 0-d tensor alone picks the Scalar overload, which
+        # reads it back to the host (a sync per step on a GPU).
+        torch._foreach_lerp_(self.shadow, self.masters, [weight] * len(self.shadow))
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
