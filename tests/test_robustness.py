@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry, train_args
 from tests.test_train_distributed import exported
+from trainer.ema import read_saved
 from trainer.preemption import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -202,7 +203,7 @@ def module_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def ema_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "ema.pt", weights_only=True)
+    return read_saved(run / "checkpoints" / f"step_{step:08d}")
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere(tiny, tmp_path):

@@ -8,7 +8,6 @@ DeepSpeed's universal checkpoint, converted once from the saved one.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,12 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from data.files import atomic_write_bytes
 from trainer import distributed
 from trainer.config import ConfigError
-from trainer.ema import EMA
+from trainer.ema import ShardedEMA
 
 LATEST = "latest"
 META = "run_state.json"
@@ -54,13 +51,15 @@ def read_state(root: Path) -> RunState | None:
     return None if tag is None else RunState(**json.loads((Path(root) / tag / META).read_text()))
 
 
-def save(engine, ema: EMA, state: RunState, root: Path, rank: int, keep_last: int = 0, crash_after_write=None) -> Path:
+def save(
+    engine, ema: ShardedEMA, state: RunState, root: Path, rank: int, keep_last: int = 0, crash_after_write=None
+) -> Path:
     """A collective: every rank writes its shard; then rank 0 moves `latest` and prunes."""
     tag = tag_of(state.step)
     # universal_checkpoint_info lets DeepSpeed convert this checkpoint for a different number of ranks.
     engine.save_checkpoint(str(root), tag=tag, client_state={"universal_checkpoint_info": {}}, save_latest=False)
+    ema.save(Path(root) / tag, rank)  # each rank its own fragments
     if rank == 0:
-        atomic_write_bytes(Path(root) / tag / "ema.pt", _serialise(ema.state_dict()))
         atomic_write_bytes(Path(root) / tag / META, json.dumps(asdict(state), indent=1).encode())
     if crash_after_write is not None:
         crash_after_write()  # tests: a rank dying after its write, before every rank has finished
@@ -92,7 +91,7 @@ def resume_plan(root: Path, world_size: int, partitioned: bool, plan: dict, allo
     return state, universal
 
 
-def load(engine, ema: EMA, root: Path, universal: bool, rank: int) -> None:
+def load(engine, ema: ShardedEMA, root: Path, universal: bool, rank: int) -> None:
     """Restores engine, optimizer and EMA from the latest complete checkpoint (a collective)."""
     tag = latest_tag(root)
     if universal:
@@ -100,7 +99,7 @@ def load(engine, ema: EMA, root: Path, universal: bool, rank: int) -> None:
     path, _ = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise FileNotFoundError(f"--resume: checkpoint {Path(root) / tag} could not be loaded by DeepSpeed")
-    ema.load_state_dict(torch.load(Path(root) / latest_tag(root) / "ema.pt", map_location="cpu", weights_only=True))
+    ema.load(Path(root) / latest_tag(root), rank)  # the saved tag: a universal copy holds no EMA
 
 
 def _universal_copy(root: Path, tag: str, rank: int) -> str:
@@ -127,9 +126,3 @@ def _prune(root: Path, keep_last: int) -> None:
     for tag in tags[:-keep_last]:
         for path in (root / tag, root / f"{tag}_universal"):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _serialise(state: dict[str, torch.Tensor]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in state.items()}, buffer)
-    return buffer.getvalue()

@@ -20,7 +20,7 @@ from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
 from trainer.config import Config, gradient_accumulation_steps
 from trainer.convergence import convergence_tracker
-from trainer.ema import EMA
+from trainer.ema import ShardedEMA
 from trainer.engine import build_engine
 from trainer.host_reads import HostReadLog
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
@@ -66,9 +66,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
 
     schedule = NoiseSchedule(family.betas()).to(device)
     family.place_frozen(device)
-    ema = EMA(family.denoiser, cfg.optim.ema_decay, device)
     parameters = family.tunable_parameters(family.denoiser)
     engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal, device)
+    ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
         checkpoint.load(engine, ema, ckpt_root, universal, rank)
@@ -94,7 +94,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
             with host_reads or contextlib.nullcontext():
                 micro_batches = stats.timed_data(loader.get, step)  # planned and read one step ahead
                 applied = step_fn(step, micro_batches)  # loss -> backward -> optimizer step, on every rank
-                ema.update(engine.module, applied)
+                ema.update(applied)
                 state.step += 1
                 if ledger:
                     write_ledger(ledger, step, micro_batches)
@@ -172,7 +172,7 @@ def after_step(cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root
     if logging:
         log.scalars(done, stats.report(engine, state.skipped_steps))
     if cfg.run.sample_every and done % cfg.run.sample_every == 0:
-        sample_grid(family, ema, cfg, log, done, device, rank)
+        sample_grid(family, engine, ema, cfg, log, done)
     if saving:
         checkpoint.save(engine, ema, state, ckpt_root, rank, cfg.run.keep_last, crash_hook(cfg, done, rank))
     log.advance()
@@ -204,21 +204,26 @@ def write_ledger(ledger, step: int, micro_batches: list[MicroBatch]) -> None:
     ledger.flush()
 
 
-def sample_grid(family, ema: EMA, cfg: Config, log: MetricsLogger, step: int, device, rank: int) -> None:
-    """Rank 0 samples its whole EMA copy, so no collective is needed and the other ranks go on."""
-    if rank != 0:
-        return
-    model = family.denoiser_from_state_dict(ema.state_dict()).to(device)
-    log.images(step, family.preview(model, cfg.run.num_sample_images, cfg.run.sample_steps, seed=cfg.train.seed))
+def sample_grid(family, engine, ema: ShardedEMA, cfg: Config, log: MetricsLogger, step: int) -> None:
+    """Every rank samples the grid with the EMA swapped into the training module (a collective under ZeRO, and
+    no second whole model on one rank); rank 0 writes it."""
+    module, bf16 = engine.module, cfg.train.precision == "bf16"
+    was_training = module.training
+    with ema.swapped_in(), torch.autocast(engine.device.type, torch.bfloat16, enabled=bf16):
+        module.eval()
+        images = family.preview(module, cfg.run.num_sample_images, cfg.run.sample_steps, seed=cfg.train.seed)
+    module.train(was_training)
+    log.images(step, images.float())
 
 
-def export(family, engine, ema: EMA, run_dir: Path, rank: int, class_names) -> None:
+def export(family, engine, ema: ShardedEMA, run_dir: Path, rank: int, class_names) -> None:
     """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective)."""
+    ema_state = ema.full_state_dict()
     with distributed.full_parameters(engine.module):
         raw = (
             {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
         )
     if rank == 0:
-        family.export(ema.state_dict(), run_dir / "export" / "ema", class_names)
+        family.export(ema_state, run_dir / "export" / "ema", class_names)
         family.export(raw, run_dir / "export" / "raw", class_names)
     distributed.barrier()
