@@ -15,6 +15,7 @@ import torch
 
 from data.batch import MicroBatch, StepLoader
 from data.sampler import TARGET, slot_ids
+from models.tuning import save_adapter
 from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
 from trainer.config import Config, gradient_accumulation_steps
@@ -25,6 +26,7 @@ from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
 from trainer.setup import (
+    apply_tuning,
     build_planner,
     check_run_dir,
     create_run_dir,
@@ -46,6 +48,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
     check_run_dir(run_dir, resume, overwrite)
     family = load_family(cfg)
+    tuning = apply_tuning(cfg, family, rank)
     sources = open_sources(cfg, family)
     planner = build_planner(cfg, family, sources)
     partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
@@ -66,7 +69,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     family.place_frozen(device)
     ema = EMA(family.denoiser, cfg.optim.ema_decay, device)
     parameters = family.tunable_parameters(family.denoiser)
-    engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal)
+    groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
+    engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal)
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
         checkpoint.load(engine, ema, ckpt_root, universal, rank)
@@ -107,14 +111,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
                 write_ledger(ledger, step, micro_batches)
             if tracker is not None:  # every rank: gathers the ControlNet; its time is not training throughput
                 stats.started += tracker.after_step(state.step, engine, log)
-            after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption)
+            after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption, tuning)
     finally:
         loader.close()
         log.close()
         if ledger:
             ledger.close()
     if cfg.run.export:
-        export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"))
+        export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"), tuning)
     return run_dir
 
 
@@ -140,13 +144,13 @@ def advance(state: RunState, skipped: bool, max_consecutive_skips: int) -> None:
         )
 
 
-def after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption) -> None:
+def after_step(cfg, state, engine, ema, family, log, stats, ckpt_root, rank, device, preemption, tuning) -> None:
     """Logging, sample grids, checkpoints and preemption: the step boundary's bookkeeping."""
     done = state.step
     if done % cfg.run.log_every == 0 or done == cfg.train.steps:
         log.scalars(done, stats.report(engine, state.skipped_steps))
     if cfg.run.sample_every and done % cfg.run.sample_every == 0:
-        sample_grid(family, ema, cfg, log, done, device, rank)
+        sample_grid(family, ema, cfg, log, done, device, rank, tuning)
     preempted = preemption.agreed(device)
     if preempted or done % cfg.run.ckpt_every == 0 or done == cfg.train.steps:
         crash = crash_hook(cfg, done, rank)
@@ -179,21 +183,23 @@ def write_ledger(ledger, step: int, micro_batches: list[MicroBatch]) -> None:
     ledger.flush()
 
 
-def sample_grid(family, ema: EMA, cfg: Config, log: MetricsLogger, step: int, device, rank: int) -> None:
+def sample_grid(family, ema: EMA, cfg: Config, log: MetricsLogger, step: int, device, rank: int, tuning) -> None:
     """Rank 0 samples its whole EMA copy, so no collective is needed and the other ranks go on."""
     if rank != 0:
         return
-    model = family.denoiser_from_state_dict(ema.state_dict()).to(device)
+    model = family.denoiser_from_state_dict(tuning.merged_state_dict(ema.state_dict())).to(device)
     log.images(step, family.preview(model, cfg.run.num_sample_images, cfg.run.sample_steps, seed=cfg.train.seed))
 
 
-def export(family, engine, ema: EMA, run_dir: Path, rank: int, class_names) -> None:
-    """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective)."""
+def export(family, engine, ema: EMA, run_dir: Path, rank: int, class_names, tuning) -> None:
+    """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective), merged
+    with the PEFT method's additions, and the adapter alone beside them (export/ema_adapter, raw_adapter)."""
     with distributed.full_parameters(engine.module):
         raw = (
             {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
         )
     if rank == 0:
-        family.export(ema.state_dict(), run_dir / "export" / "ema", class_names)
-        family.export(raw, run_dir / "export" / "raw", class_names)
+        for which, state in (("ema", ema.state_dict()), ("raw", raw)):
+            family.export(tuning.merged_state_dict(state), run_dir / "export" / which, class_names)
+            save_adapter(tuning, state, run_dir / "export" / f"{which}_adapter")
     distributed.barrier()

@@ -22,9 +22,9 @@ class GuardedAdamW(torch.optim.AdamW):
     def begin_step(self, applied_steps: int) -> None:
         """Before the boundary: reset the decision and set the LR of the `applied_steps`-th update."""
         self.loss_nonfinite, self.skip = False, None
-        lr = self.base_lr * min(1.0, (applied_steps + 1) / self.warmup_steps) if self.warmup_steps else self.base_lr
+        warmup = min(1.0, (applied_steps + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         for group in self.param_groups:
-            group["lr"] = lr
+            group["lr"] = group.get("base_lr", self.base_lr) * warmup  # a group's own LR (DiffFit: x10)
 
     @torch.no_grad()
     def step(self, closure=None):
