@@ -186,7 +186,7 @@ def test_lora_zero2_resumes_exactly_and_merges_like_the_adapter(tiny, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     proc = run_entry("train.py", train_args(tiny, straight, *common), num_procs=2)
     assert_ok(proc)
-    assert "tunable set (lora): 16 of 60 parameter tensors, 2,048 of" in proc.stdout
+    assert "tunable set (lora): 16 of 60 parameter tensors, 1,024 of 20,808 elements" in proc.stdout
     adapters = {f"{module}.lora_{ab}.default.weight" for module in LORA_TARGETS for ab in "AB"}
     assert module_keys(straight, "step_00000002") == adapters  # the checkpoint holds only what trains
     # The run as it was when it stopped after step 2: its checkpoint, its log, nothing later.
