@@ -13,10 +13,12 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from models.dit import DiTFamily
+from models.sd_controlnet import SDControlNetFamily
 from models.tuning import ADAPTER_WEIGHTS, describe, tuning_method
 from models.tuning.difffit import DiffFit
 from tests.conftest import assert_ok, read_metrics, run_entry, train_args
 from tests.test_train_distributed import assert_same_run
+from tests.tiny_sd import make_tiny_sd
 from trainer.config import ConfigError, PeftConfig, load_config
 from trainer.optim import GuardedAdamW
 from trainer.setup import apply_tuning
@@ -122,12 +124,21 @@ def test_bad_combinations_are_refused_with_the_reason(tiny):
             apply_tuning(load_config("tiny_cpu", [f"method.peft={method}"]), convolutions, rank=0)
 
 
-def test_refusal_reaches_the_user_before_any_work(tiny, tmp_path):
-    run = tmp_path / "run"
-    proc = run_entry("train.py", train_args(tiny, run, "method.peft=lora", "peft.lora_targets=[to_qq]"))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "method.peft=lora on model.family=dit: LoRA: no linear layer" in proc.stderr and "to_qq" in proc.stderr
-    assert not run.exists()
+def test_every_method_applies_to_the_controlnet_and_exports_a_plain_one(tmp_path):
+    """SD + ControlNet: each method finds its modules in the ControlNet, and the merged state loads as a plain
+    ControlNetModel (what StableDiffusionControlNetPipeline takes)."""
+    pretrained = make_tiny_sd(tmp_path / "sd")
+    plain_keys = set(SDControlNetFamily.from_pretrained(str(pretrained)).controlnet.state_dict())
+    for name in ("bitfit", "difffit", "lora"):
+        family = SDControlNetFamily.from_pretrained(str(pretrained))
+        method = tuning_method(name, settings())
+        method.apply(family.denoiser)
+        names = method.trainable_names(family.denoiser)
+        assert 0 < len(names) < len(list(family.denoiser.parameters()))
+        state = {k: v.detach().clone() for k, v in family.denoiser.state_dict().items()}
+        plain = family.denoiser_from_state_dict(method.merged_state_dict(state))
+        assert set(plain.state_dict()) == plain_keys, name
+        assert 0 < len(method.adapter_state_dict(state)) <= len(names), name
 
 
 # --- real training under DeepSpeed ------------------------------------------------------------------------

@@ -61,11 +61,13 @@ def save(engine, ema: EMA, state: RunState, root: Path, rank: int, keep_last: in
     # Frozen weights (PEFT) stay out of the checkpoint: a resume takes them from model.pretrained.
     engine.save_checkpoint(
         str(root), tag=tag, client_state={"universal_checkpoint_info": {}}, save_latest=False,
-        exclude_frozen_parameters=_has_frozen(engine),
+        exclude_frozen_parameters=bool(_frozen(engine)),
     )  # fmt: skip
     if rank == 0:
-        tuned = {k: v for k, v in ema.state_dict().items() if k in set(ema.tuned)}
-        atomic_write_bytes(Path(root) / tag / "ema.pt", _serialise(tuned))
+        frozen = _frozen(engine)
+        atomic_write_bytes(
+            Path(root) / tag / "ema.pt", _serialise({k: v for k, v in ema.state_dict().items() if k not in frozen})
+        )
         atomic_write_bytes(Path(root) / tag / META, json.dumps(asdict(state), indent=1).encode())
     if crash_after_write is not None:
         crash_after_write()  # tests: a rank dying after its write, before every rank has finished
@@ -102,15 +104,16 @@ def load(engine, ema: EMA, root: Path, universal: bool, rank: int) -> None:
     tag = latest_tag(root)
     if universal:
         tag = _universal_copy(Path(root), tag, rank)
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not _has_frozen(engine))
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not _frozen(engine))
     if path is None:
         raise FileNotFoundError(f"--resume: checkpoint {Path(root) / tag} could not be loaded by DeepSpeed")
     tuned = torch.load(Path(root) / latest_tag(root) / "ema.pt", map_location="cpu", weights_only=True)
     ema.load_state_dict({**ema.state_dict(), **tuned})  # the EMA of frozen weights is the weights themselves
 
 
-def _has_frozen(engine) -> bool:
-    return any(not p.requires_grad for p in engine.module.parameters())
+def _frozen(engine) -> set[str]:
+    """Names of the parameters that do not train (PEFT): their EMA is the weights themselves."""
+    return {name for name, p in engine.module.named_parameters() if not p.requires_grad}
 
 
 def _universal_copy(root: Path, tag: str, rank: int) -> str:
