@@ -57,8 +57,12 @@ def save(
     """A collective: every rank writes its shard; then rank 0 moves `latest` and prunes."""
     tag = tag_of(state.step)
     # universal_checkpoint_info lets DeepSpeed convert this checkpoint for a different number of ranks.
-    engine.save_checkpoint(str(root), tag=tag, client_state={"universal_checkpoint_info": {}}, save_latest=False)
-    ema.save(Path(root) / tag, rank)  # each rank its own fragments
+    # Frozen weights (PEFT) stay out of the checkpoint: a resume takes them from model.pretrained.
+    engine.save_checkpoint(
+        str(root), tag=tag, client_state={"universal_checkpoint_info": {}}, save_latest=False,
+        exclude_frozen_parameters=bool(_frozen(engine)),
+    )  # fmt: skip
+    ema.save(Path(root) / tag, rank)  # each rank its own fragments (of the trained parameters only)
     if rank == 0:
         atomic_write_bytes(Path(root) / tag / META, json.dumps(asdict(state), indent=1).encode())
     if crash_after_write is not None:
@@ -96,10 +100,15 @@ def load(engine, ema: ShardedEMA, root: Path, universal: bool, rank: int) -> Non
     tag = latest_tag(root)
     if universal:
         tag = _universal_copy(Path(root), tag, rank)
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not _frozen(engine))
     if path is None:
         raise FileNotFoundError(f"--resume: checkpoint {Path(root) / tag} could not be loaded by DeepSpeed")
     ema.load(Path(root) / latest_tag(root), rank)  # the saved tag: a universal copy holds no EMA
+
+
+def _frozen(engine) -> set[str]:
+    """Names of the parameters that do not train (PEFT)."""
+    return {name for name, p in engine.module.named_parameters() if not p.requires_grad}
 
 
 def _universal_copy(root: Path, tag: str, rank: int) -> str:

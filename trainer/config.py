@@ -12,6 +12,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from models.tuning import TUNING_METHODS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -57,6 +59,18 @@ class MethodConfig:
     timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau'
     bank_tau: float = 1.0  # tau' of the mirrored bank distribution
     label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
+    peft: str = "full"  # which parameters train: full | bitfit | difffit | lora (settings in the peft: section)
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient tuning (method.peft): DiffFit, BitFit, LoRA (models/tuning/)."""
+
+    lr_scale: float = 10.0  # DiffFit: its tunable set trains at optim.lr x lr_scale (paper: x10)
+    difffit_blocks: int = 14  # DiffFit: scale factors in the first N transformer blocks (paper: 14 of DiT-XL/2's 28)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0  # LoRA's update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # linear layers
 
 
 @dataclass
@@ -184,6 +198,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bank: BankConfig = field(default_factory=BankConfig)
@@ -244,6 +259,14 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.method.bank_count, ("round", "floor"), "method.bank_count")
     _choice(cfg.method.timestep_weights, ("complement", "mirrored"), "method.timestep_weights")
     _choice(cfg.train.precision, ("fp32", "bf16"), "train.precision")
+    _choice(cfg.method.peft, tuple(TUNING_METHODS), "method.peft")
+    if cfg.peft.lora_rank < 1 or cfg.peft.difffit_blocks < 1 or cfg.peft.lr_scale <= 0:
+        raise ConfigError("peft.lora_rank and peft.difffit_blocks must be >= 1 and peft.lr_scale > 0")
+    if cfg.method.peft != "full" and cfg.eval.every:
+        raise ConfigError(
+            f"method.peft={cfg.method.peft} with eval.every={cfg.eval.every}: convergence tracking evaluates the "
+            "full ControlNet only; set eval.every=0 or method.peft=full"
+        )
     if not 0 <= cfg.train.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:

@@ -16,6 +16,7 @@ import torch
 
 from data.batch import MicroBatch, StepLoader
 from data.sampler import TARGET, slot_ids
+from models.tuning import save_adapter
 from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
 from trainer.config import Config, gradient_accumulation_steps
@@ -27,6 +28,7 @@ from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
 from trainer.setup import (
+    apply_tuning,
     build_planner,
     check_run_dir,
     create_run_dir,
@@ -48,6 +50,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
     check_run_dir(run_dir, resume, overwrite)
     family = load_family(cfg)
+    tuning = apply_tuning(cfg, family, rank)  # which parameters train (full, DiffFit, BitFit, LoRA)
     sources = open_sources(cfg, family)
     planner = build_planner(cfg, family, sources)
     partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
@@ -66,8 +69,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
 
     schedule = NoiseSchedule(family.betas()).to(device)
     family.place_frozen(device)
-    parameters = family.tunable_parameters(family.denoiser)
-    engine, optimizer = build_engine(cfg, family.denoiser, parameters, accumulation, universal, device)
+    groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
+    engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
     ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
@@ -113,7 +116,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
             if file:
                 file.close()
     if cfg.run.export:
-        export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"))
+        export(family, engine, ema, run_dir, rank, sources[TARGET].manifest.meta.get("classes"), tuning)
     return run_dir
 
 
@@ -216,14 +219,16 @@ def sample_grid(family, engine, ema: ShardedEMA, cfg: Config, log: MetricsLogger
     log.images(step, images.float())
 
 
-def export(family, engine, ema: ShardedEMA, run_dir: Path, rank: int, class_names) -> None:
-    """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective)."""
+def export(family, engine, ema: ShardedEMA, run_dir: Path, rank: int, class_names, tuning) -> None:
+    """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective), merged
+    with the PEFT method's additions, and the adapter alone beside them (export/ema_adapter, raw_adapter)."""
     ema_state = ema.full_state_dict()
     with distributed.full_parameters(engine.module):
         raw = (
             {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
         )
     if rank == 0:
-        family.export(ema_state, run_dir / "export" / "ema", class_names)
-        family.export(raw, run_dir / "export" / "raw", class_names)
+        for which, state in (("ema", ema_state), ("raw", raw)):
+            family.export(tuning.merged_state_dict(state), run_dir / "export" / which, class_names)
+            save_adapter(tuning, state, run_dir / "export" / f"{which}_adapter")
     distributed.barrier()

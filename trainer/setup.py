@@ -12,6 +12,7 @@ from data.formats import open_shard_set
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit
 from data.shards import ShardDataset
 from models import family_class
+from models.tuning import TuningMethod, describe, tuning_method
 from trainer.config import Config, ConfigError, plan_settings, to_yaml
 
 
@@ -26,6 +27,18 @@ def load_family(cfg: Config, num_classes: int | None = None):
         m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
         class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
     )  # fmt: skip
+
+
+def apply_tuning(cfg: Config, family, rank: int) -> TuningMethod:
+    """Applies method.peft to the family's denoiser (before EMA and DeepSpeed see it); rank 0 prints the tunable set."""
+    tuning = tuning_method(cfg.method.peft, cfg.peft)
+    try:
+        tuning.apply(family.denoiser)
+    except ValueError as err:
+        raise ConfigError(f"method.peft={cfg.method.peft} on model.family={family.name}: {err}") from None
+    if rank == 0:
+        print(describe(tuning, family.denoiser), flush=True)
+    return tuning
 
 
 def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> GlobalBatchPlanner:
