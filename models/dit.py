@@ -47,12 +47,15 @@ class DiTFamily:
         *,
         shared_embedder: bool = False,
         original_timestep_frequencies: bool = False,
+        latent_space: bool | None = None,
     ):
         self.transformer = transformer
         self.vae = vae
         self.scheduler_config = dict(scheduler_config)
         self.shared_embedder = shared_embedder
         self.original_timestep_frequencies = original_timestep_frequencies
+        # An original `.pt` DiT samples latents even without a VAE attached (the bank stores latents).
+        self.latent_space = vae is not None if latent_space is None else latent_space
         _disable_internal_label_dropout(transformer)
 
     @classmethod
@@ -118,7 +121,7 @@ class DiTFamily:
         vae_model = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False) if vae_folder else None
         return cls(
             transformer.eval(), vae_model, scheduler_config, shared_embedder=shared,
-            original_timestep_frequencies=original_frequencies,
+            original_timestep_frequencies=original_frequencies, latent_space=latent,
         )  # fmt: skip
 
     # --- what the trainer needs -------------------------------------------------------------------
@@ -195,7 +198,7 @@ class DiTFamily:
     ) -> torch.Tensor:
         """DDIM (eta 0, deterministic) samples for `labels` with classifier-free guidance, starting from
         `noise` (or noise drawn from `generator`); decoded to pixels if there is a VAE and `decode`.
-        Pixel outputs are clamped to [-1, 1]; latents are returned as they are."""
+        Pixel outputs are clamped to [-1, 1]; latents (an original `.pt` DiT's too) are returned as they are."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_steps)
         device = next(denoiser.parameters()).device
@@ -216,9 +219,9 @@ class DiTFamily:
                 cond, uncond = both[:, :channels].chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
-        if self.vae is None:
-            return x.clamp(-1, 1)
-        return self.decode(x) if decode else x
+        if self.vae is not None and decode:
+            return self.decode(x)
+        return x if self.latent_space else x.clamp(-1, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
