@@ -159,10 +159,10 @@ class DiTFamily:
         if self.vae is not None:
             self.vae.to(device, dtype)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, **options) -> None:
         """torch.compile each transformer block in place (parameter names and the state dict are unchanged)."""
         for block in self.transformer.transformer_blocks:
-            block.compile()
+            block.compile(**options)  # torch.compile options, e.g. backend
 
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> DiTTransformer2DModel:
         """A plain copy of the transformer with other weights (EMA, gathered raw weights), laid out as the

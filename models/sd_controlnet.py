@@ -199,10 +199,10 @@ class SDControlNetFamily:
             module.to(device, dtype)
         self._text_cache.clear()  # re-encoded where (and in the precision that) the text encoder now is
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, **options) -> None:
         """torch.compile each ControlNet down block and its mid block in place (state dict unchanged)."""
         for block in [*self.controlnet.down_blocks, self.controlnet.mid_block]:
-            block.compile()
+            block.compile(**options)  # torch.compile options, e.g. backend
 
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> ControlNetModel:
         """A plain copy of the ControlNet with other weights (EMA, gathered raw weights)."""
