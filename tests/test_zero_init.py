@@ -14,11 +14,13 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from tests.conftest import ROOT, assert_ok, child_env, free_port
+from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry, train_args
+from tests.test_train_distributed import exported
 from tests.tiny import make_tiny_dit
 
 EMBEDDER_KEYS = (
@@ -82,6 +84,10 @@ def probe(out: Path, overrides: list[str]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
+
+
 def launch(out: Path, *overrides: str) -> list[dict]:
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     command = [*launcher, str(Path(__file__).resolve()), str(out), *overrides]
@@ -127,3 +133,24 @@ if __name__ == "__main__":
         traceback.print_exc()  # printed before the process ends without the interpreter's teardown
     finally:
         exit_process(status)
+
+
+@pytest.mark.slow
+def test_shared_embedder_resumes_elastically(tiny, tmp_path):
+    """A DiT with one shared embedder through the training job: ZeRO-2 on 2 ranks, saved at step 3 and resumed on 1
+    rank (DeepSpeed's universal checkpoint), is the straight 2-rank run; every exported block copy is the same."""
+    pretrained = make_dit_with_one_embedder(tmp_path / "pretrained", num_layers=2)
+    data = {**tiny, "pretrained": pretrained}
+    common = ("train.steps=6", "run.ckpt_every=3", "train.zero_stage=2")
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    assert_ok(run_entry("train.py", train_args(data, straight, *common), num_procs=2))
+    assert_ok(run_entry("train.py", train_args(data, elastic, *common, "train.steps=3"), num_procs=2))
+    assert_ok(run_entry("train.py", train_args(data, elastic, *common) + ["--resume"], num_procs=1))
+    assert (elastic / "checkpoints" / "step_00000003_universal").is_dir()
+    np.testing.assert_allclose(losses(elastic), losses(straight), rtol=1e-5)
+    for which in ("raw", "ema"):
+        a, b = exported(elastic, which), exported(straight, which)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=f"{which}: {key}")
+        for key in EMBEDDER_KEYS:
+            assert torch.equal(a[f"transformer_blocks.1.{key}"], a[f"transformer_blocks.0.{key}"]), (which, key)
