@@ -7,7 +7,10 @@ because Diff-Tuning's retention trains the unconditional branch through it.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +18,44 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
+from models.dit_convert import use_original_timestep_frequencies
+from models.dit_weights import (
+    EMBEDDER,
+    copy_into_parameter,
+    embedder_copies_equal,
+    open_weights,
+    relabelled,
+    stream_into,
+)
+
 # DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
 DITPIPELINE_NULL_CLASS = 1000
 # DiT's own training schedule, used when the pre-trained weights come without a scheduler config.
 DIT_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+# Written into an export's transformer/config.json so that this family computes what the trained model did.
+ORIGINAL_FREQUENCIES_KEY = "original_timestep_frequencies"
 
 
 class DiTFamily:
     name = "dit"
 
-    def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL | None, scheduler_config: dict):
+    def __init__(
+        self,
+        transformer: DiTTransformer2DModel,
+        vae: AutoencoderKL | None,
+        scheduler_config: dict,
+        *,
+        shared_embedder: bool = False,
+        original_timestep_frequencies: bool = False,
+        latent_space: bool | None = None,
+    ):
         self.transformer = transformer
         self.vae = vae
         self.scheduler_config = dict(scheduler_config)
+        self.shared_embedder = shared_embedder
+        self.original_timestep_frequencies = original_timestep_frequencies
+        # An original `.pt` DiT samples latents even without a VAE attached (the bank stores latents).
+        self.latent_space = vae is not None if latent_space is None else latent_space
         _disable_internal_label_dropout(transformer)
 
     @classmethod
@@ -40,28 +68,28 @@ class DiTFamily:
         class_init: str = "reuse",
         num_attention_heads: int = 16,
         seed: int = 0,
+        clip_sample: bool | None = None,
+        original_timestep_frequencies: bool = False,
+        build_context: Callable[[], AbstractContextManager] = nullcontext,
+        load_parameter: Callable[[torch.nn.Parameter, torch.Tensor], None] = copy_into_parameter,
     ) -> DiTFamily:
+        """The transformer is built empty under `build_context()` (the trainer passes `deepspeed.zero.Init` under
+        ZeRO-3, so that it is partitioned as it is built) and filled tensor by tensor through `load_parameter`.
+
+        `clip_sample` (DDIM clamps its x0 estimate to [-1, 1]): None clips pixel-space models as the folder's
+        scheduler says and never clips latent-space ones (a VAE, or an original `.pt`), as DiT samples unclipped.
+        `original_timestep_frequencies`: DiT's own timestep features 10000^(-i/128) instead of diffusers'
+        10000^(-i/127), for weights converted from DiT's release (training and sampling; see `export`).
+        """
         path = Path(pretrained)
         if not path.exists():
             raise FileNotFoundError(
                 f"model.pretrained={pretrained} does not exist: point it to a local diffusers DiT folder "
                 "(a DiTPipeline folder with transformer/, or a transformer folder) or an original DiT .pt"
             )
-        scheduler_config, vae_folder = dict(DIT_SCHEDULE), None
-        if path.is_file():
-            from models.dit_convert import dit_from_original_checkpoint
-
-            # diffusers' DiT (and so DiTPipeline, which loads our export) embeds timesteps with frequencies
-            # 10000^(-i/127) where the original uses 10000^(-i/128): keep diffusers' definition so that
-            # training, sampling and the exported model all compute the same function.
-            transformer = dit_from_original_checkpoint(
-                path, num_attention_heads=num_attention_heads, original_timestep_frequencies=False
-            )
-        else:
+        scheduler_config, vae_folder, folder = dict(DIT_SCHEDULE), None, path
+        if path.is_dir():
             folder = path / "transformer" if (path / "transformer").is_dir() else path
-            if not (folder / "config.json").is_file():
-                raise FileNotFoundError(f"{folder} has no config.json: is model.pretrained a diffusers DiT folder?")
-            transformer = DiTTransformer2DModel.from_pretrained(folder)
             if (path / "scheduler" / "scheduler_config.json").is_file():
                 scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
             vae_folder = path / "vae" if (path / "vae").is_dir() else None
@@ -69,9 +97,32 @@ class DiTFamily:
             if not Path(vae).is_dir():
                 raise FileNotFoundError(f"model.vae={vae} is not a folder: point it to a local AutoencoderKL folder")
             vae_folder = Path(vae)
+        source = relabelled(open_weights(folder, num_attention_heads), num_classes, class_init, seed)
+        try:
+            # Weights converted from DiT hold one embedder copied into every block: train it as the one it is.
+            shared = embedder_copies_equal(source)
+            with build_context():
+                transformer = DiTTransformer2DModel.from_config(source.config)
+            if shared:
+                share_embedder(transformer)
+            stream_into(transformer, source, load_parameter)
+        finally:
+            source.close()
+        original_frequencies = original_timestep_frequencies or _exported_with_original_frequencies(folder)
+        if original_frequencies:
+            use_original_timestep_frequencies(transformer)
+        latent = vae_folder is not None or source.original
+        if clip_sample is not None:
+            scheduler_config["clip_sample"] = clip_sample
+        elif latent:
+            scheduler_config["clip_sample"] = False  # DiT samples latents unclipped
+        else:
+            scheduler_config["clip_sample"] = scheduler_config.get("clip_sample", True)  # diffusers' DDIM default
         vae_model = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False) if vae_folder else None
-        transformer = relabel(transformer, num_classes, class_init, seed)
-        return cls(transformer, vae_model, scheduler_config)
+        return cls(
+            transformer.eval(), vae_model, scheduler_config, shared_embedder=shared,
+            original_timestep_frequencies=original_frequencies, latent_space=latent,
+        )  # fmt: skip
 
     # --- what the trainer needs -------------------------------------------------------------------
     @property
@@ -94,7 +145,8 @@ class DiTFamily:
 
     def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> torch.Tensor:
         """Class labels, with the null class where the slot's condition is null (bank, dropout)."""
-        return torch.where(null_condition, self.null_condition, fields["label"].long())
+        labels = fields["label"].long()
+        return torch.where(null_condition.to(labels.device), self.null_condition, labels)
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor):
         return denoiser(x_t, timestep=t, class_labels=condition).sample
@@ -102,15 +154,33 @@ class DiTFamily:
     def tunable_parameters(self, denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in denoiser.parameters() if p.requires_grad]
 
-    def place_frozen(self, device: torch.device) -> None:
-        """Moves the parts that do not train (the VAE) to the device the denoiser trains on."""
+    def place_frozen(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Moves the parts that do not train (the VAE) to the device the denoiser trains on, in the training
+        precision (bf16 under train.precision=bf16)."""
         if self.vae is not None:
-            self.vae.to(device)
+            self.vae.to(device, dtype)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block in place (parameter names and the state dict are unchanged)."""
+        for block in self.transformer.transformer_blocks:
+            block.compile(**options)  # torch.compile options, e.g. backend
 
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> DiTTransformer2DModel:
-        """A plain copy of the transformer with other weights (EMA, gathered raw weights)."""
+        """A plain copy of the transformer with other weights (EMA, gathered raw weights), laid out as the
+        trained one (one shared embedder if it trains one)."""
+        return self._plain_transformer(state_dict, shared=self.shared_embedder)
+
+    def _plain_transformer(self, state_dict: dict[str, torch.Tensor], shared: bool) -> DiTTransformer2DModel:
         model = DiTTransformer2DModel.from_config(self.transformer.config)
+        if self.shared_embedder:
+            # A state dict names the shared embedder once per block, and only block 0's name is its parameter
+            # (copies taken elsewhere, e.g. an EMA keyed by state_dict(), may be stale): block 0 is the truth.
+            state_dict = {key: state_dict[_block0_name(key)] for key in state_dict}
+        if shared:
+            share_embedder(model)
         model.load_state_dict(state_dict)
+        if self.original_timestep_frequencies:
+            use_original_timestep_frequencies(model)
         _disable_internal_label_dropout(model)
         return model.eval()
 
@@ -129,7 +199,7 @@ class DiTFamily:
     ) -> torch.Tensor:
         """DDIM (eta 0, deterministic) samples for `labels` with classifier-free guidance, starting from
         `noise` (or noise drawn from `generator`); decoded to pixels if there is a VAE and `decode`.
-        Pixel outputs are clamped to [-1, 1]; latents are returned as they are."""
+        Pixel outputs are clamped to [-1, 1]; latents (an original `.pt` DiT's too) are returned as they are."""
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(num_steps)
         device = next(denoiser.parameters()).device
@@ -150,9 +220,9 @@ class DiTFamily:
                 cond, uncond = both[:, :channels].chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
-        if self.vae is None:
-            return x.clamp(-1, 1)
-        return self.decode(x) if decode else x
+        if self.vae is not None and decode:
+            return self.decode(x)
+        return x if self.latent_space else x.clamp(-1, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -166,13 +236,19 @@ class DiTFamily:
         return self.sample(denoiser, labels, num_steps=num_steps, generator=torch.Generator().manual_seed(seed))
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
-        """A diffusers folder: a full `DiTPipeline` when there is a VAE, else transformer + scheduler."""
+        """A diffusers folder: a full `DiTPipeline` when there is a VAE, else transformer + scheduler.
+
+        diffusers keeps one embedder per block: a shared embedder is written into every block (all copies equal).
+        The scheduler carries an explicit `clip_sample`. With original timestep frequencies the transformer's
+        config.json records `original_timestep_frequencies`; DiTPipeline ignores it (and computes diffusers'
+        frequencies), this family re-applies it when it loads the folder.
+        """
         directory = Path(directory)
-        transformer = self.denoiser_from_state_dict(state_dict)
-        transformer = pad_label_table(transformer, DITPIPELINE_NULL_CLASS)
+        transformer = pad_label_table(self._plain_transformer(state_dict, shared=False), DITPIPELINE_NULL_CLASS)
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         if self.vae is not None:
-            DiTPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler).save_pretrained(directory)
+            vae = self.vae if self.vae.dtype == torch.float32 else copy.deepcopy(self.vae).float()
+            DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(directory)
             # DiTPipeline reads id2label from model_index.json but does not write it itself.
             index = json.loads((directory / "model_index.json").read_text())
             index["id2label"] = {str(i): name for i, name in enumerate(class_names or [])}
@@ -180,6 +256,32 @@ class DiTFamily:
         else:
             transformer.save_pretrained(directory / "transformer")
             scheduler.save_pretrained(directory / "scheduler")
+        if self.original_timestep_frequencies:
+            config_path = directory / "transformer" / "config.json"
+            config = json.loads(config_path.read_text())
+            config[ORIGINAL_FREQUENCIES_KEY] = True
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def share_embedder(transformer: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """One timestep/label embedder for every block, as DiT has: diffusers' per-block copies become block 0's
+    module, so they are one set of parameters for the optimizer, ZeRO and the EMA."""
+    shared = transformer.transformer_blocks[0].norm1.emb
+    for block in transformer.transformer_blocks[1:]:
+        block.norm1.emb = shared
+    return transformer
+
+
+def _block0_name(key: str) -> str:
+    """The name under which a shared embedder's tensor is a parameter: block 0's."""
+    if key.startswith("transformer_blocks.") and f".{EMBEDDER}" in key:
+        return "transformer_blocks.0." + key.split(".", 2)[2]
+    return key
+
+
+def _exported_with_original_frequencies(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get(ORIGINAL_FREQUENCIES_KEY, False))
 
 
 def pad_label_table(transformer: DiTTransformer2DModel, num_classes: int) -> DiTTransformer2DModel:
@@ -192,30 +294,6 @@ def pad_label_table(transformer: DiTTransformer2DModel, num_classes: int) -> DiT
         table = state[key]
         state[key] = torch.cat([table[:old], table[old:].expand(num_classes - old, -1), table[old:]])
     model = DiTTransformer2DModel.from_config({**transformer.config, "num_embeds_ada_norm": num_classes})
-    model.load_state_dict(state)
-    return model
-
-
-def relabel(transformer: DiTTransformer2DModel, num_classes: int, class_init: str, seed: int = 0):
-    """Maps the label table onto `num_classes` target classes; the pre-trained null row stays the null row."""
-    old = transformer.config.num_embeds_ada_norm
-    if num_classes == 0 or (num_classes == old and class_init == "reuse"):
-        return transformer
-    if class_init == "reuse" and num_classes > old:
-        raise ValueError(
-            f"model.num_classes={num_classes} is larger than the pre-trained label space ({old} classes), so "
-            f"its rows cannot be reused: set model.num_classes <= {old} or model.class_init=fresh"
-        )
-    state = transformer.state_dict()
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    # One fresh table for every block: diffusers keeps a copy of DiT's single label table in each block.
-    fresh = torch.randn((num_classes, width), generator=torch.Generator().manual_seed(seed)) * 0.02
-    for key in [k for k in state if k.endswith("class_embedder.embedding_table.weight")]:
-        table = state[key]
-        rows = table[:num_classes] if class_init == "reuse" else fresh.to(table.dtype)
-        state[key] = torch.cat([rows, table[old : old + 1]])
-    config = {**transformer.config, "num_embeds_ada_norm": num_classes}
-    model = DiTTransformer2DModel.from_config(config)
     model.load_state_dict(state)
     return model
 

@@ -88,13 +88,16 @@ def _num_blocks(state_dict: dict[str, torch.Tensor], source: str) -> int:
     return len(indices)
 
 
-def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an original DiT checkpoint, preferring the EMA weights when the file holds both."""
+def load_original_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read an original DiT checkpoint, preferring the EMA weights when the file holds both.
+
+    With ``mmap`` the tensors stay in the file (the page cache) until read: a rank streaming the weights
+    into a partitioned model never holds them all."""
     path = Path(path)
     # weights_only: these files come from the internet; never unpickle arbitrary objects. DiT's
     # train.py also stores its argparse Namespace under "args", a harmless type we allow explicitly.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if isinstance(obj, dict):
         # train.py checkpoints are {"model", "ema", "opt", "args"}; the released .pt files are bare.
         for wrapper in ("ema", "model"):
@@ -162,46 +165,55 @@ def infer_original_dit_config(
     }
 
 
-def convert_original_dit(state_dict: dict[str, torch.Tensor], *, source: str = "state dict") -> dict[str, torch.Tensor]:
-    """Rename/split an original DiT state dict into diffusers ``DiTTransformer2DModel`` keys."""
+# Where a diffusers tensor comes from: (original key, which third of a fused qkv or None for the whole tensor).
+KeyPlan = dict[str, tuple[str, int | None]]
+
+
+def original_key_plan(state_dict: dict[str, torch.Tensor], *, source: str = "state dict") -> KeyPlan:
+    """For every diffusers ``DiTTransformer2DModel`` key, the original tensor it is read from, without reading it:
+    so that the weights can be streamed into a model one tensor at a time."""
     _check_is_dit(state_dict, source)
     num_layers = _num_blocks(state_dict, source)
-    out: dict[str, torch.Tensor] = {}
-    consumed = {"pos_embed"}  # recomputed by diffusers, not stored
-
-    def take(key: str) -> torch.Tensor:
-        consumed.add(key)
-        return state_dict[key]
-
+    plan: KeyPlan = {}
     for old, new in _TOP_RENAMES.items():
         for suffix in ("weight", "bias"):
-            out[f"{new}.{suffix}"] = take(f"{old}.{suffix}")
-
-    embedder: dict[str, torch.Tensor] = {}
+            plan[f"{new}.{suffix}"] = (f"{old}.{suffix}", None)
+    embedder: KeyPlan = {}
     for old, new in _EMBEDDER_RENAMES.items():
-        suffixes = ("weight",) if old.startswith("y_embedder") else ("weight", "bias")
-        for suffix in suffixes:
-            embedder[f"{new}.{suffix}"] = take(f"{old}.{suffix}")
-
+        for suffix in ("weight",) if old.startswith("y_embedder") else ("weight", "bias"):
+            embedder[f"{new}.{suffix}"] = (f"{old}.{suffix}", None)
     for i in range(num_layers):
         src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
-        for key, tensor in embedder.items():
-            # Clone so the result has no shared storage (safetensors refuses aliased tensors).
-            out[f"{dst}.{key}"] = tensor.clone()
+        plan.update({f"{dst}.{key}": origin for key, origin in embedder.items()})
         for old, new in _BLOCK_RENAMES.items():
             for suffix in ("weight", "bias"):
-                out[f"{dst}.{new}.{suffix}"] = take(f"{src}.{old}.{suffix}")
+                plan[f"{dst}.{new}.{suffix}"] = (f"{src}.{old}.{suffix}", None)
         for suffix in ("weight", "bias"):
-            qkv = take(f"{src}.attn.qkv.{suffix}")
-            if qkv.shape[0] % 3 != 0:
-                raise ValueError(f"{source}: {src}.attn.qkv.{suffix} has {qkv.shape[0]} rows, not 3*hidden")
-            for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3, dim=0)):
-                out[f"{dst}.attn1.{name}.{suffix}"] = part.clone()
-
-    leftover = sorted(set(state_dict) - consumed)
+            qkv = f"{src}.attn.qkv.{suffix}"
+            if qkv in state_dict and state_dict[qkv].shape[0] % 3 != 0:
+                raise ValueError(f"{source}: {qkv} has {state_dict[qkv].shape[0]} rows, not 3*hidden")
+            for third, name in enumerate(("to_q", "to_k", "to_v")):
+                plan[f"{dst}.attn1.{name}.{suffix}"] = (qkv, third)
+    missing = sorted({old for old, _ in plan.values()} - set(state_dict))
+    if missing:
+        raise ValueError(f"{source}: missing keys for an original DiT state dict: {', '.join(missing[:10])}")
+    leftover = sorted(set(state_dict) - {old for old, _ in plan.values()} - {"pos_embed"})
     if leftover:
         raise ValueError(f"{source}: unexpected keys for an original DiT state dict: {', '.join(leftover[:10])}")
-    return out
+    return plan
+
+
+def read_planned(state_dict: dict[str, torch.Tensor], origin: tuple[str, int | None]) -> torch.Tensor:
+    key, third = origin
+    tensor = state_dict[key]
+    return tensor if third is None else tensor.chunk(3, dim=0)[third]
+
+
+def convert_original_dit(state_dict: dict[str, torch.Tensor], *, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Rename/split an original DiT state dict into diffusers ``DiTTransformer2DModel`` keys."""
+    plan = original_key_plan(state_dict, source=source)
+    # Clones, so that the result has no shared storage (safetensors refuses aliased tensors).
+    return {new: read_planned(state_dict, origin).clone() for new, origin in plan.items()}
 
 
 def use_original_timestep_frequencies(model: DiTTransformer2DModel) -> DiTTransformer2DModel:

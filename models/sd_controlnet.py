@@ -56,6 +56,7 @@ class SDControlNetFamily:
         self.default_prompt = default_prompt
         self.null_tokens = self.tokenize([default_prompt])[0]
         self.empty_tokens = self.tokenize([""])[0]  # SD's own unconditional prompt: the negative of guidance
+        self._text_cache: dict[str, torch.Tensor] = {}  # the two fixed prompts' text states, encoded once
 
     @classmethod
     def from_pretrained(
@@ -139,12 +140,32 @@ class SDControlNetFamily:
         device = self.text_encoder.device
         return self.text_encoder(tokens.to(device).long())[0]
 
+    def fixed_text(self, which: str) -> torch.Tensor:
+        """(1, 77, D) text states of the default prompt ("null") or the empty prompt ("empty"): encoded once per
+        placement of the text encoder, not at every step."""
+        if which not in self._text_cache:
+            tokens = self.null_tokens if which == "null" else self.empty_tokens
+            self._text_cache[which] = self.encode_text(tokens[None])
+        return self._text_cache[which]
+
     def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> ControlCondition:
         """Caption tokens, the default prompt's where the slot's condition is null (bank, dropout); the control
-        image is kept in every case."""
+        image is kept in every case.
+
+        Null slots take the cached default-prompt states. With `null_condition` on the host (the plan's mask), only
+        the other slots run the text encoder; a mask on an accelerator is not read back (that would stall the
+        step), so every slot is encoded there and the null ones replaced."""
         tokens = fields["tokens"].long()
-        tokens = torch.where(null_condition[:, None].to(tokens.device), self.null_tokens.to(tokens.device), tokens)
-        return ControlCondition(self.encode_text(tokens), control_tensor(fields["control"]))
+        null_text = self.fixed_text("null")
+        if null_condition.device.type == "cpu":
+            text = null_text.expand(len(tokens), -1, -1).clone()
+            captioned = torch.from_numpy(np.flatnonzero(~null_condition.numpy()))
+            if len(captioned):
+                text[captioned.to(text.device)] = self.encode_text(tokens[captioned.to(tokens.device)])
+        else:
+            null = null_condition.to(null_text.device)[:, None, None]
+            text = torch.where(null, null_text, self.encode_text(tokens))
+        return ControlCondition(text, control_tensor(fields["control"]))
 
     def predict(
         self, denoiser: torch.nn.Module | None, x_t: torch.Tensor, t: torch.Tensor, condition: ControlCondition
@@ -171,10 +192,17 @@ class SDControlNetFamily:
     def tunable_parameters(self, denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in denoiser.parameters() if p.requires_grad]
 
-    def place_frozen(self, device: torch.device) -> None:
-        """Moves the frozen UNet, VAE and text encoder to the device the ControlNet trains on."""
+    def place_frozen(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Moves the frozen UNet, VAE and text encoder to the device the ControlNet trains on, in the training
+        precision (bf16 under train.precision=bf16: half the memory of their weights and activations)."""
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+            module.to(device, dtype)
+        self._text_cache.clear()  # re-encoded where (and in the precision that) the text encoder now is
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each ControlNet down block and its mid block in place (state dict unchanged)."""
+        for block in [*self.controlnet.down_blocks, self.controlnet.mid_block]:
+            block.compile(**options)  # torch.compile options, e.g. backend
 
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> ControlNetModel:
         """A plain copy of the ControlNet with other weights (EMA, gathered raw weights)."""
@@ -206,12 +234,13 @@ class SDControlNetFamily:
             noise = torch.randn((len(tokens), *self.sample_shape), generator=generator)
         x = noise.to(device) * scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
+        text = self.encode_text(tokens)
         if guided:
-            tokens = torch.cat([tokens, self.empty_tokens.expand(len(tokens), -1)])
+            text = torch.cat([text, self.fixed_text("empty").expand(len(tokens), -1, -1)])
         control = None if controls is None else control_tensor(controls).to(device)
         if control is not None and guided:
             control = torch.cat([control, control])  # the unconditional branch keeps the control, as ControlNet's
-        condition = ControlCondition(self.encode_text(tokens), control)
+        condition = ControlCondition(text, control)
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             t_batch = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)

@@ -218,8 +218,8 @@ def probe_main(out: Path, argv: list[str]) -> int:
     loaded = []
     original = trainer.loop.load_family
 
-    def recording_load_family(cfg):
-        family = original(cfg)
+    def recording_load_family(cfg, *args, **kwargs):
+        family = original(cfg, *args, **kwargs)
         loaded.append((family, frozen_report(family)))
         return family
 

@@ -35,6 +35,8 @@ class ModelConfig:
     default_prompt: str = "a high-quality, detailed, and professional image"  # the null condition (bank, dropout)
     annotator: str | None = None  # path/to/module.py[:function] making control maps from images (non-canny)
     canny_thresholds: tuple[int, int] = (100, 200)  # Canny's low and high thresholds (ControlNet's defaults)
+    clip_sample: bool | None = None  # DDIM clamps x0 to [-1, 1]; None: not for latent DiTs, the folder's for pixel ones
+    original_timestep_frequencies: bool = False  # DiT's 10000^(-i/128) timestep features (weights from DiT's .pt)
 
 
 @dataclass
@@ -93,6 +95,9 @@ class TrainConfig:
     zero_stage: int = 0  # 0-3; bf16 needs >= 1 (the presets use 2)
     precision: str = "fp32"  # fp32 | bf16
     max_consecutive_skips: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    compile: bool = False  # torch.compile each transformer block / ControlNet down block
+    tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (as DiT's train.py)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from trainer.setup import load_family
 
 BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
 CONTROLNET_BANK_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
-GENERATOR_VERSION = 1  # bump when the recipe below changes, so that old banks are not extended with new samples
+GENERATOR_VERSION = 2  # bump when the recipe below changes, so that old banks are not extended with new samples
 
 
 def state_sha256(module: torch.nn.Module) -> str:
@@ -116,7 +116,11 @@ def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, 
     bank, m = cfg.bank, cfg.model
     if m.family != "sd_controlnet":
         denoiser = family.denoiser.to(device).eval()
-        settings = {"weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition}
+        settings = {
+            "weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition,
+            "clip_sample": family.scheduler_config["clip_sample"],
+            "original_timestep_frequencies": family.original_timestep_frequencies,
+        }  # fmt: skip
         return BANK_FIELDS, settings, lambda indices, on_batch: bank_samples(family, denoiser, indices, bank, on_batch)
     annotate = annotator_for(m.control, m.annotator, tuple(m.canny_thresholds))
     if annotate is None:

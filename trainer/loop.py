@@ -23,7 +23,7 @@ from trainer.config import Config, gradient_accumulation_steps
 from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine
-from trainer.host_reads import HostReadLog
+from trainer.host_reads import HostReadLog, host_side
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
@@ -49,7 +49,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     accumulation = gradient_accumulation_steps(cfg, world_size)
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
     check_run_dir(run_dir, resume, overwrite)
-    family = load_family(cfg)
+    family = load_family(cfg, training=True)  # under ZeRO-3 built partitioned: no rank holds all weights
     tuning = apply_tuning(cfg, family, rank)  # which parameters train (full, DiffFit, BitFit, LoRA)
     sources = open_sources(cfg, family)
     planner = build_planner(cfg, family, sources)
@@ -68,7 +68,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     distributed.barrier()
 
     schedule = NoiseSchedule(family.betas()).to(device)
-    family.place_frozen(device)
+    family.place_frozen(device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
     engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
     ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns
@@ -134,9 +134,11 @@ class StepFunction:
 
     def __call__(self, step: int, micro_batches: list[MicroBatch]) -> torch.Tensor:
         self.optimizer.begin_step()
-        for batch in micro_batches:
-            weights = source_weights(batch.is_bank, *self.counts).to(self.device, non_blocking=True)
-            batch = batch.to(self.device)
+        for host_batch in micro_batches:
+            weights = source_weights(host_batch.is_bank, *self.counts).to(self.device, non_blocking=True)
+            batch = host_batch.to(self.device)
+            # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
+            batch.null_condition = host_side(host_batch.null_condition)
             losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype)
             losses = losses * injected_nan(self.cfg, step, self.rank)
             self.optimizer.note_losses(losses)

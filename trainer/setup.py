@@ -4,29 +4,75 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.formats import open_shard_set
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit
 from data.shards import ShardDataset
 from models import family_class
+from models.dit_weights import copy_into_parameter
 from models.tuning import TuningMethod, describe, tuning_method
-from trainer.config import Config, ConfigError, plan_settings, to_yaml
+from trainer.config import Config, ConfigError, gradient_accumulation_steps, plan_settings, to_yaml
 
 
-def load_family(cfg: Config, num_classes: int | None = None):
-    """The model family of cfg.model; `num_classes=0` keeps DiT's pre-trained label space (bank, prepare)."""
+def load_family(cfg: Config, num_classes: int | None = None, *, training: bool = False):
+    """The model family of cfg.model; `num_classes=0` keeps DiT's pre-trained label space (bank, prepare).
+
+    `training=True` (the training job, after the process group is up) builds a DiT under `deepspeed.zero.Init`
+    when train.zero_stage=3, so that no rank ever holds all its weights, and applies train.activation_checkpointing
+    and train.compile to the denoiser. TF32 (train.tf32) is set for every job.
+    """
+    set_tf32(cfg.train.tf32)
     m = cfg.model
     if m.family == "sd_controlnet":
-        return family_class(m.family).from_pretrained(
+        family = family_class(m.family).from_pretrained(
             m.pretrained, controlnet=m.controlnet, default_prompt=m.default_prompt, seed=cfg.train.seed
         )
-    return family_class(m.family).from_pretrained(
-        m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
-        class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
-    )  # fmt: skip
+    else:
+        build_context, load_parameter = (
+            zero3_build(cfg) if training and cfg.train.zero_stage == 3 else (nullcontext, copy_into_parameter)
+        )
+        family = family_class(m.family).from_pretrained(
+            m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
+            class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
+            clip_sample=m.clip_sample, original_timestep_frequencies=m.original_timestep_frequencies,
+            build_context=build_context, load_parameter=load_parameter,
+        )  # fmt: skip
+    if training and cfg.train.activation_checkpointing:
+        family.denoiser.enable_gradient_checkpointing()
+    if training and cfg.train.compile:
+        family.compile_blocks()
+    return family
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (no effect on the CPU), as DiT's train.py sets it."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def zero3_build(cfg: Config) -> tuple[Callable[[], AbstractContextManager], Callable]:
+    """How a ZeRO-3 run builds its denoiser: partitioned as it is built (`deepspeed.zero.Init` with the run's
+    DeepSpeed config), each pre-trained tensor written by rank 0 into the gathered parameter and re-partitioned."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from trainer.engine import deepspeed_config
+
+    ds_config = deepspeed_config(cfg, gradient_accumulation_steps(cfg, dist.get_world_size()))
+    rank = dist.get_rank()
+
+    def load_parameter(parameter: torch.nn.Parameter, tensor: torch.Tensor) -> None:
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if rank == 0:
+                copy_into_parameter(parameter, tensor)
+
+    return (lambda: deepspeed.zero.Init(config_dict_or_path=ds_config)), load_parameter
 
 
 def apply_tuning(cfg: Config, family, rank: int) -> TuningMethod:

@@ -1,0 +1,156 @@
+"""ZeRO-3 builds the DiT partitioned (`deepspeed.zero.Init`), streams the pre-trained weights into it, and trains its
+one shared timestep/label embedder: 2 real CPU ranks.
+
+Run as a script (under `deepspeed --num_gpus 2`), it is the probe each rank runs: it loads the family as the training
+job does, records how much of each parameter the rank holds, compares the gathered weights with the folder's, takes
+one DeepSpeed step and exports the result.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry, train_args
+from tests.test_train_distributed import exported
+from tests.tiny import make_tiny_dit
+
+EMBEDDER_KEYS = (
+    "norm1.emb.timestep_embedder.linear_1.weight",
+    "norm1.emb.timestep_embedder.linear_2.bias",
+    "norm1.emb.class_embedder.embedding_table.weight",
+)
+
+
+def make_dit_with_one_embedder(folder: Path, num_layers: int = 3) -> Path:
+    """A tiny diffusers DiT laid out as weights converted from DiT: every block holds the same embedder."""
+    make_tiny_dit(folder, num_layers=num_layers)
+    model = DiTTransformer2DModel.from_pretrained(folder / "transformer")
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    model.save_pretrained(folder / "transformer")
+    return folder
+
+
+def probe(out: Path, overrides: list[str]) -> None:
+    import deepspeed
+
+    from trainer import distributed
+    from trainer.config import gradient_accumulation_steps, load_config
+    from trainer.engine import build_engine
+    from trainer.setup import load_family
+
+    rank, world_size, _ = distributed.init()
+    cfg = load_config("tiny_cpu", overrides)
+    family = load_family(cfg, training=True)
+    parameters = dict(family.denoiser.named_parameters())
+    report = {
+        "shared_embedder": family.shared_embedder,
+        "held": sum(p.ds_tensor.numel() for p in parameters.values()),
+        "whole": sum(p.ds_numel for p in parameters.values()),
+        "largest_held_fraction": max(p.ds_tensor.numel() / p.ds_numel for p in parameters.values()),
+        "released": all(p.data.numel() == 0 for p in parameters.values()),
+    }
+    plain = dict(load_family(cfg).denoiser.named_parameters())  # the folder's weights, relabelled, whole
+    errors = {}
+    for name, parameter in parameters.items():
+        with deepspeed.zero.GatheredParameters([parameter]):
+            errors[name] = float((parameter.detach() - plain[name].detach()).abs().max())
+    report["load_error"] = max(errors.values())
+    report["names"] = sorted(parameters) == sorted(plain)
+
+    tuned = family.tunable_parameters(family.denoiser)
+    engine, optimizer = build_engine(cfg, family.denoiser, tuned, gradient_accumulation_steps(cfg, world_size), False)
+    generator = torch.Generator().manual_seed(rank)
+    batch = cfg.train.micro_batch_size
+    x = torch.randn((batch, *family.sample_shape), generator=generator)
+    t, labels = torch.randint(0, 1000, (batch,), generator=generator), torch.arange(batch) % family.null_condition
+    optimizer.begin_step(0)
+    engine.backward(family.predict(engine, x, t, labels).square().mean())
+    engine.step()
+    with distributed.full_parameters(engine.module):
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if rank == 0:
+        family.export(state, out / "export")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
+
+
+def launch(out: Path, *overrides: str) -> list[dict]:
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    command = [*launcher, str(Path(__file__).resolve()), str(out), *overrides]
+    proc = subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_ok(proc)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_zero3_builds_partitioned_and_trains_one_embedder(tmp_path):
+    """Under ZeRO-3 each rank holds about half of every parameter as soon as the family is loaded (none whole), the
+    gathered weights are the folder's (label table relabelled on the stream), and a DeepSpeed step on the tied
+    embedder exports identical per-block copies that moved."""
+    pretrained = make_dit_with_one_embedder(tmp_path / "pretrained")
+    reports = launch(
+        tmp_path / "probe", "train.zero_stage=3", f"model.pretrained={pretrained}", "model.num_classes=4",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=0.01",
+    )  # fmt: skip
+    for report in reports:
+        assert report["shared_embedder"] and report["names"] and report["released"]
+        assert 0.45 < report["held"] / report["whole"] < 0.6, report
+        assert report["largest_held_fraction"] <= 0.5 + 1e-9
+        assert report["load_error"] == 0.0
+    before = DiTTransformer2DModel.from_pretrained(pretrained / "transformer").state_dict()
+    after = DiTTransformer2DModel.from_pretrained(tmp_path / "probe" / "export" / "transformer").state_dict()
+    for key in EMBEDDER_KEYS:
+        first = after[f"transformer_blocks.0.{key}"]
+        assert not torch.allclose(first[:4], before[f"transformer_blocks.0.{key}"][:4])
+        for block in (1, 2):
+            assert torch.equal(after[f"transformer_blocks.{block}.{key}"], first), (block, key)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from launch.common import exit_process
+
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    status = 1
+    try:
+        probe(Path(arguments[0]), arguments[1:])
+        status = 0
+    except BaseException:
+        traceback.print_exc()  # printed before the process ends without the interpreter's teardown
+    finally:
+        exit_process(status)
+
+
+@pytest.mark.slow
+def test_shared_embedder_resumes_elastically(tiny, tmp_path):
+    """A DiT with one shared embedder through the training job: ZeRO-2 on 2 ranks, saved at step 3 and resumed on 1
+    rank (DeepSpeed's universal checkpoint), is the straight 2-rank run; every exported block copy is the same."""
+    pretrained = make_dit_with_one_embedder(tmp_path / "pretrained", num_layers=2)
+    data = {**tiny, "pretrained": pretrained}
+    common = ("train.steps=6", "run.ckpt_every=3", "train.zero_stage=2")
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    assert_ok(run_entry("train.py", train_args(data, straight, *common), num_procs=2))
+    assert_ok(run_entry("train.py", train_args(data, elastic, *common, "train.steps=3"), num_procs=2))
+    assert_ok(run_entry("train.py", train_args(data, elastic, *common) + ["--resume"], num_procs=1))
+    assert (elastic / "checkpoints" / "step_00000003_universal").is_dir()
+    np.testing.assert_allclose(losses(elastic), losses(straight), rtol=1e-5)
+    for which in ("raw", "ema"):
+        a, b = exported(elastic, which), exported(straight, which)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=f"{which}: {key}")
+        for key in EMBEDDER_KEYS:
+            assert torch.equal(a[f"transformer_blocks.1.{key}"], a[f"transformer_blocks.0.{key}"]), (which, key)
