@@ -26,6 +26,6 @@ demo: env
 # The CPU benchmark of the small DiT, the memory plans of DiT-XL/2 and SD1.5 + ControlNet on 8 x 80 GB,
 # and the plan checked against the tracked peak of a real CPU training run.
 bench: env
-	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --out bench.json
-	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --plan --out bench_plan.json
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --out runs/bench.json
+	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --plan --out runs/bench_plan.json
 	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --check_plan

@@ -67,6 +67,7 @@ def plan(args) -> None:
         print(text + "\n")
         results += rows
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
@@ -83,6 +84,7 @@ def measure(args) -> None:
     if result:
         print(format_report(result), flush=True)
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2))
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
