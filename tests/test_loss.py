@@ -1,12 +1,17 @@
 """The loss against a hand computation in float64 numpy, and the source weighting."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
+from tests.conftest import assert_ok, read_metrics, run_entry, train_args
+from tests.test_golden import ARGS as GOLDEN_ARGS
+from tests.test_golden import GOLDEN
+from trainer.config import ConfigError, MethodConfig, load_config
+from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
 
 BETAS = np.linspace(1e-4, 0.02, 1000)
 
@@ -77,3 +82,79 @@ def test_source_weights_give_target_mean_plus_lambda_bank_mean():
     assert float((w * losses).sum()) == pytest.approx((3 + 4 + 10) / 3 + 0.1 * (1 + 2) / 2)
     w = source_weights(torch.zeros(4, dtype=torch.bool), num_target=4, num_bank=0, bank_loss_weight=1.0)
     assert torch.allclose(w, torch.full((4,), 0.25))
+
+
+# --- timestep re-weighting on top (method.loss_weighting) ---------------------------------------------------------
+def hand_snr(t: int) -> float:
+    abar = 1.0
+    for b in BETAS[: t + 1]:
+        abar *= 1 - b
+    return abar / (1 - abar)
+
+
+@pytest.mark.parametrize(
+    "method,formula",
+    [
+        (MethodConfig(loss_weighting="min_snr", min_snr_gamma=5.0), lambda snr: min(snr, 5.0) / snr),
+        (MethodConfig(loss_weighting="min_snr", min_snr_gamma=1.0), lambda snr: min(snr, 1.0) / snr),
+        (MethodConfig(loss_weighting="p2", p2_k=1.0, p2_gamma=1.0), lambda snr: 1 / (1 + snr)),
+        (MethodConfig(loss_weighting="p2", p2_k=1.0, p2_gamma=0.5), lambda snr: (1 + snr) ** -0.5),
+    ],
+)
+def test_timestep_weights_equal_their_formulas(method, formula):
+    t = [0, 1, 100, 250, 500, 999]
+    got = timestep_loss_weights(torch.tensor(t), NoiseSchedule(BETAS), method)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), [formula(hand_snr(s)) for s in t], rtol=1e-6)
+
+
+def test_min_snr_weights_at_hand_values():
+    # SNR(0) = (1 - 1e-4) / 1e-4 = 9999: the weight is gamma / 9999; at t = 999, SNR < 1e-4 and the weight is 1
+    w = timestep_loss_weights(torch.tensor([0, 999]), NoiseSchedule(BETAS), MethodConfig(loss_weighting="min_snr"))
+    np.testing.assert_allclose(w.numpy(), [5.0 / 9999.0, 1.0], rtol=1e-6)
+    w = timestep_loss_weights(torch.tensor([0]), NoiseSchedule(BETAS), MethodConfig(loss_weighting="p2"))
+    np.testing.assert_allclose(w.numpy(), [1 / 10000.0], rtol=1e-6)
+
+
+def test_weights_scale_only_the_epsilon_mse_and_none_changes_nothing():
+    schedule = NoiseSchedule(BETAS)
+    x0, noise, t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.tensor([0, 500, 900])
+    x_t = schedule.add_noise(x0, noise, t)
+    out = torch.cat([torch.randn(3, 2, 4, 4), torch.rand(3, 2, 4, 4) * 2 - 1], 1)
+    plain = diffusion_loss(out, x0, x_t, noise, t, schedule)
+    ones = timestep_loss_weights(t, schedule, MethodConfig())
+    assert torch.equal(diffusion_loss(out, x0, x_t, noise, t, schedule, ones), plain)
+    w = timestep_loss_weights(t, schedule, MethodConfig(loss_weighting="min_snr", min_snr_gamma=1.0))
+    mse = ((out[:, :2] - noise) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(diffusion_loss(out, x0, x_t, noise, t, schedule, w), plain - mse + w * mse)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.loss_weighting=snr", "method.loss_weighting='snr' is not one of"),
+        ("method.min_snr_gamma=0", "method.min_snr_gamma=0.0 must be > 0"),
+        ("method.p2_k=0", "method.p2_k=0.0 must be > 0"),
+        ("method.p2_gamma=-1", "method.p2_gamma=-1.0 >= 0"),
+    ],
+)
+def test_bad_weighting_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", ["model.pretrained=/m", "data.target=/t", override])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "weighting", ["method.loss_weighting=min_snr method.min_snr_gamma=1", "method.loss_weighting=p2"]
+)
+def test_training_with_a_weighting(tiny, tmp_path, weighting):
+    """Both weights are < 1 at every t here, so the first step (the golden run's model, data and t) has a lower
+    loss than the unweighted golden run, for each source; the run trains on with finite, changing losses."""
+    run = tmp_path / "run"
+    assert_ok(run_entry("train.py", train_args(tiny, run, *GOLDEN_ARGS, *weighting.split())))
+    metrics = read_metrics(run)
+    losses = np.array([[m["loss/total"], m["loss/target"], m["loss/bank"]] for m in metrics])
+    assert len(metrics) == 6 and np.isfinite(losses).all()
+    assert len(set(losses[:, 0].tolist())) == len(losses)  # a different loss at every step: it trains
+    unweighted = json.loads(GOLDEN.read_text())["losses"]["1"]
+    assert (losses[0] < np.array(unweighted)).all(), (losses[0], unweighted)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from models.tuning import TUNING_METHODS
+from trainer.loss import LOSS_WEIGHTINGS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -62,6 +63,11 @@ class MethodConfig:
     bank_tau: float = 1.0  # tau' of the mirrored bank distribution
     label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
     peft: str = "full"  # which parameters train: full | bitfit | difffit | lora (settings in the peft: section)
+    # Timestep re-weighting of the epsilon-MSE on top of the split, for both sources (trainer/loss.py)
+    loss_weighting: str = "none"  # none | min_snr: min(SNR, gamma) / SNR | p2: 1 / (k + SNR)^gamma
+    min_snr_gamma: float = 5.0  # rebuttal: 1 and 5
+    p2_k: float = 1.0  # P2's paper: k = 1
+    p2_gamma: float = 1.0  # P2's paper: 0.5 or 1
 
 
 @dataclass
@@ -264,6 +270,17 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.method.bank_count, ("round", "floor"), "method.bank_count")
     _choice(cfg.method.timestep_weights, ("complement", "mirrored"), "method.timestep_weights")
     _choice(cfg.train.precision, ("fp32", "bf16"), "train.precision")
+    _choice(cfg.method.loss_weighting, LOSS_WEIGHTINGS, "method.loss_weighting")
+    if cfg.method.min_snr_gamma <= 0:
+        raise ConfigError(
+            f"method.min_snr_gamma={cfg.method.min_snr_gamma} must be > 0 (Min-SNR clips SNR(t) at gamma; "
+            "the rebuttal uses 1 and 5)"
+        )
+    if cfg.method.p2_k <= 0 or cfg.method.p2_gamma < 0:
+        raise ConfigError(
+            f"method.p2_k={cfg.method.p2_k} must be > 0 (it bounds 1 / (k + SNR)^gamma at the noisiest steps) and "
+            f"method.p2_gamma={cfg.method.p2_gamma} >= 0; P2's paper uses k=1 and gamma 0.5 or 1"
+        )
     _choice(cfg.method.peft, tuple(TUNING_METHODS), "method.peft")
     if cfg.peft.lora_rank < 1 or cfg.peft.difffit_blocks < 1 or cfg.peft.lr_scale <= 0:
         raise ConfigError("peft.lora_rank and peft.difffit_blocks must be >= 1 and peft.lr_scale > 0")

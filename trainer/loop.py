@@ -19,12 +19,12 @@ from data.sampler import TARGET, slot_ids
 from models.tuning import save_adapter
 from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
-from trainer.config import Config, gradient_accumulation_steps
+from trainer.config import Config, MethodConfig, gradient_accumulation_steps
 from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine
 from trainer.host_reads import HostReadLog, host_side
-from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
+from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
 from trainer.setup import (
@@ -139,7 +139,7 @@ class StepFunction:
             batch = host_batch.to(self.device)
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
-            losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype)
+            losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype, self.cfg.method)
             losses = losses * injected_nan(self.cfg, step, self.rank)
             self.optimizer.note_losses(losses)
             self.engine.backward((losses * weights).sum() * self.loss_scale)
@@ -150,12 +150,16 @@ class StepFunction:
         return applied
 
 
-def slot_losses(family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype):
-    """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision)."""
+def slot_losses(
+    family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype, method: MethodConfig | None = None
+):
+    """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision), its
+    epsilon-MSE re-weighted by method.loss_weighting (all 1 for none)."""
     x_t = schedule.add_noise(batch.x0, batch.noise, batch.t)
     condition = family.condition(batch.condition, batch.null_condition)
     output = family.predict(denoiser, x_t.to(dtype), batch.t, condition)
-    return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule)
+    mse_weights = None if method is None else timestep_loss_weights(batch.t, schedule, method)
+    return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
 
 
 def after_step(cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root, rank, device, preemption):

@@ -2,15 +2,22 @@
 
 The timestep split lives in the sampler (t ~ psi for target slots, t ~ xi for bank slots), so the loss
 itself is DiT's plain objective; `source_weights` turns per-sample losses into
-`mean(target) + lambda * mean(bank)` over the *global* batch.
+`mean(target) + lambda * mean(bank)` over the *global* batch. `timestep_loss_weights` optionally re-weights
+the epsilon-MSE by the SNR of each slot's t on top (Min-SNR-gamma, P2), for both sources alike.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from trainer.config import MethodConfig
+
+LOSS_WEIGHTINGS = ("none", "min_snr", "p2")  # method.loss_weighting
 
 
 class NoiseSchedule:
@@ -31,11 +38,12 @@ class NoiseSchedule:
         self.log_betas = betas.log()
         self.posterior_mean_coef1 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
+        self.snr = alphas_cumprod / (1.0 - alphas_cumprod)  # signal-to-noise ratio of x_t
 
     TABLES = (
         "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
         "sqrt_recipm1_alphas_cumprod", "posterior_log_variance_clipped", "log_betas", "posterior_mean_coef1",
-        "posterior_mean_coef2",
+        "posterior_mean_coef2", "snr",
     )  # fmt: skip
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
@@ -61,13 +69,19 @@ def diffusion_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     schedule: NoiseSchedule,
+    mse_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample DiT loss: epsilon-MSE, plus the variational bound that trains a learned variance.
 
     `output` has C channels (epsilon only) or 2C (epsilon and the variance interpolation v in [-1, 1]).
     As in DiT, the bound sees a detached epsilon, so it trains only the variance; it is in bits per dim.
+    `mse_weights` (one per sample, e.g. `timestep_loss_weights`) scale the epsilon-MSE only: the timestep
+    re-weightings are defined on the denoising (epsilon) objective, and the bound, which cannot move epsilon,
+    keeps the unit weight it has in DiT's own objective, so the variance is learned as by the pre-trained model.
     """
     mse = _mean_per_sample((output[:, : x0.shape[1]] - noise) ** 2)
+    if mse_weights is not None:
+        mse = mse * mse_weights
     if output.shape[1] == x0.shape[1]:
         return mse
     eps, v = output.detach()[:, : x0.shape[1]], output[:, x0.shape[1] :]
@@ -89,6 +103,24 @@ def source_weights(is_bank: torch.Tensor, num_target: int, num_bank: int, bank_l
     target_weight = 1.0 / num_target if num_target else 0.0
     bank_weight = bank_loss_weight / num_bank if num_bank else 0.0
     return torch.where(is_bank, bank_weight, target_weight).float()
+
+
+def timestep_loss_weights(t: torch.Tensor, schedule: NoiseSchedule, method: MethodConfig) -> torch.Tensor:
+    """Per-slot weights of the epsilon-MSE, a pure function of t and the schedule's SNR(t) = abar / (1 - abar).
+
+    none: 1. min_snr: Min-SNR-gamma for epsilon prediction, min(SNR, gamma) / SNR (Hang et al., 2023), which
+    lowers the weight of the low-noise steps whose SNR exceeds gamma. p2: 1 / (k + SNR)^gamma (Choi et al.,
+    2022), which lowers it smoothly as SNR grows. float32 on t's device: device arithmetic only, no host read.
+    """
+    if method.loss_weighting == "none":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    table = schedule.snr if schedule.snr.device == t.device else schedule.snr.to(t.device)
+    snr = table[t]  # float64: the SNR spans ~1e-5 .. 1e4 over a DDPM schedule
+    if method.loss_weighting == "min_snr":
+        return (snr.clamp(max=method.min_snr_gamma) / snr).float()
+    if method.loss_weighting == "p2":
+        return (method.p2_k + snr).pow(-method.p2_gamma).float()
+    raise ValueError(f"method.loss_weighting={method.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
 
 
 def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
