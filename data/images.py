@@ -1,4 +1,8 @@
-"""Pure image helpers for preparing target data: list an ImageFolder, check, load, crop and flip images."""
+"""Pure image helpers for preparing target data: list an ImageFolder, check, load, crop and flip images.
+
+Images with transparency (RGBA, LA, a palette or colour key with a transparent entry) are composited onto a
+background colour (prepare.background): a plain convert("RGB") drops the alpha channel, and every transparent
+pixel would silently take whatever colour it stores, usually black."""
 
 from __future__ import annotations
 
@@ -9,10 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor
 
 # What torchvision's ImageFolder accepts; other files are listed as ignored, never silently read or dropped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+WHITE = (255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def parse_background(value: str) -> tuple[int, int, int]:
+    """A colour name or #RRGGBB (PIL's ImageColor), or "R,G,B" with integers in 0..255, as an RGB triple."""
+    text = str(value).strip()
+    if "," in text:
+        parts = text.split(",")
+        if len(parts) == 3 and all(part.strip().isdigit() and int(part) <= 255 for part in parts):
+            return tuple(int(part) for part in parts)
+        raise ValueError(f"{value!r} is not R,G,B with three integers in 0..255")
+    try:
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ValueError(f"{value!r} is not a colour name (white, black, ...), #RRGGBB or R,G,B") from None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether the image carries an alpha channel or a transparent palette entry / colour key."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The image as RGB, any transparency composited onto `background`."""
+    if not has_transparency(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -50,23 +83,32 @@ def list_image_folder(root: str | Path) -> ImageFolderListing:
     return ImageFolderListing(root, classes, files, sorted(ignored))
 
 
-def check_image(path: str | Path) -> str | None:
-    """None if the image decodes completely, else why not. verify() catches a bad header and load() a
-    truncated body; anything PIL raises (incl. decompression bombs) marks the file unreadable."""
+def scan_image(path: str | Path) -> tuple[str | None, bool]:
+    """(None if the image decodes completely else why not, whether some pixel is not fully opaque). verify()
+    catches a bad header and load() a truncated body; anything PIL raises (incl. decompression bombs) marks
+    the file unreadable."""
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
-            image.convert("RGB").load()
+            if not has_transparency(image):
+                image.convert("RGB").load()
+                return None, False
+            alpha_min, _ = image.convert("RGBA").getchannel("A").getextrema()
     except Exception as err:  # noqa: BLE001 - one bad file must not stop a job over a million images
-        return f"{type(err).__name__}: {err}"
-    return None
+        return f"{type(err).__name__}: {err}", False
+    return None, alpha_min < 255
 
 
-def find_unreadable(paths: list[Path], num_threads: int = 8) -> list[str | None]:
-    """check_image over many files; PIL decodes outside the GIL, so threads help."""
+def check_image(path: str | Path) -> str | None:
+    """None if the image decodes completely, else why not."""
+    return scan_image(path)[0]
+
+
+def scan_images(paths: list[Path], num_threads: int = 8) -> list[tuple[str | None, bool]]:
+    """scan_image over many files; PIL decodes outside the GIL, so threads help."""
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        return list(pool.map(check_image, paths))
+        return list(pool.map(scan_image, paths))
 
 
 def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
@@ -80,10 +122,11 @@ def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An RGB image centre-cropped to size x size, as float32 CHW in [-1, 1]."""
+def load_image(path: str | Path, size: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """An RGB image (transparency composited onto `background`) centre-cropped to size x size, as float32 CHW
+    in [-1, 1]."""
     with Image.open(path) as image:
-        image = center_crop_arr(image.convert("RGB"), size)
+        image = center_crop_arr(to_rgb(image, background), size)
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
@@ -92,12 +135,14 @@ def hflip(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
-def load_images(paths: list[Path], size: int, num_threads: int = 8) -> np.ndarray:
+def load_images(
+    paths: list[Path], size: int, num_threads: int = 8, background: tuple[int, int, int] = WHITE
+) -> np.ndarray:
     """load_image over a batch, (B, 3, size, size); decoding and resizing release the GIL."""
 
     def load(path: Path) -> np.ndarray:
         try:
-            return load_image(path, size)
+            return load_image(path, size, background)
         except Exception as err:  # it passed check_image, so it changed since: name it
             raise ValueError(f"image {path} can no longer be read ({err}); it changed during the job") from err
 
@@ -165,12 +210,12 @@ def square_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
 
 
 def load_image_and_control(
-    image_path: Path, control_path: Path | None, size: int, nearest: bool
+    image_path: Path, control_path: Path | None, size: int, nearest: bool, background: tuple[int, int, int] = WHITE
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image as uint8 (size, size, 3) and its control map (if any) cropped alike: nearest-neighbour for maps
-    whose values are labels (segmentation), bilinear for the others."""
+    """The image as uint8 (size, size, 3) (transparency composited onto `background`) and its control map (if
+    any) cropped alike: nearest-neighbour for maps whose values are labels (segmentation), bilinear for the others."""
     with Image.open(image_path) as image:
-        pixels = np.asarray(square_crop(image.convert("RGB"), size, Image.BICUBIC))
+        pixels = np.asarray(square_crop(to_rgb(image, background), size, Image.BICUBIC))
     if control_path is None:
         return pixels, None
     with Image.open(control_path) as control:

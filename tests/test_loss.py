@@ -148,8 +148,9 @@ def test_bad_weighting_values_name_the_key(override, message):
     "weighting", ["method.loss_weighting=min_snr method.min_snr_gamma=1", "method.loss_weighting=p2"]
 )
 def test_training_with_a_weighting(tiny, tmp_path, weighting):
-    """Both weights are < 1 at every t here, so the first step (the golden run's model, data and t) has a lower
-    loss than the unweighted golden run, for each source; the run trains on with finite, changing losses."""
+    """Both weights are <= 1 (p2: < 1) at every t, so the first step (the golden run's model, data and t) has a
+    lower total loss than the unweighted golden run, and no source's loss is higher (Min-SNR-1 leaves the weight of
+    the noisy steps, SNR <= 1, at 1: target slots mostly draw those); the run trains on with finite, changing losses."""
     run = tmp_path / "run"
     assert_ok(run_entry("train.py", train_args(tiny, run, *GOLDEN_ARGS, *weighting.split())))
     metrics = read_metrics(run)
@@ -157,4 +158,7 @@ def test_training_with_a_weighting(tiny, tmp_path, weighting):
     assert len(metrics) == 6 and np.isfinite(losses).all()
     assert len(set(losses[:, 0].tolist())) == len(losses)  # a different loss at every step: it trains
     unweighted = json.loads(GOLDEN.read_text())["losses"]["1"]
-    assert (losses[0] < np.array(unweighted)).all(), (losses[0], unweighted)
+    assert losses[0, 0] < unweighted[0] and (losses[0] <= np.array(unweighted) * (1 + 1e-6)).all(), (
+        losses[0],
+        unweighted,
+    )

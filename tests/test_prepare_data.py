@@ -12,13 +12,13 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from data.images import center_crop_arr, check_image, hflip, list_image_folder, load_image
+from data.images import center_crop_arr, check_image, hflip, list_image_folder, load_image, parse_background, scan_image
 from data.shard_jobs import derived_seed
 from data.shards import MANIFEST_NAME, ShardDataset, shard_name
 from models.dit import DiTFamily
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_tiny_dit
-from trainer.config import ConfigError
+from trainer.config import ConfigError, load_config
 from trainer.prepare import check_resolution
 
 CLASSES = {"cat": 4, "dog": 3}  # readable images per class
@@ -127,6 +127,49 @@ def test_resolution_must_fit_the_model(models):
         check_resolution(DiTFamily.from_pretrained(str(models["pixel"])), 4)
 
 
+def make_transparent_folder(root: Path) -> Path:
+    """8 x 8 images whose left half is fully transparent (storing red or black there) and right half opaque, in
+    the three ways PNGs carry transparency, and two opaque images (one RGBA) that must not be counted."""
+    (root / "a").mkdir(parents=True)
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[:, 4:] = 255
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (255, 0, 0)  # hidden colour under alpha 0: must not show through
+    rgb[:, 4:] = (0, 255, 0)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(root / "a" / "rgba.png")
+    Image.fromarray(np.dstack([np.where(alpha, 200, 0).astype(np.uint8), alpha]), "LA").save(root / "a" / "la.png")
+    palette = Image.fromarray((alpha // 255).astype(np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 transparent red, index 1 opaque blue
+    palette.save(root / "a" / "palette.png", transparency=0)
+    Image.fromarray(rgb, "RGB").save(root / "a" / "opaque.png")
+    Image.fromarray(np.dstack([rgb, np.full((8, 8), 255, np.uint8)]), "RGBA").save(root / "a" / "opaque_rgba.png")
+    return root
+
+
+TRANSPARENT = {"la.png": (200, 200, 200), "palette.png": (0, 0, 255), "rgba.png": (0, 255, 0)}  # opaque half
+
+
+def test_transparent_pixels_take_the_background(tmp_path):
+    root = make_transparent_folder(tmp_path / "images")
+    for name, opaque in TRANSPARENT.items():
+        for background in ((255, 255, 255), (10, 20, 30)):
+            pixels = np.rint((load_image(root / "a" / name, 8, background) + 1) * 127.5).transpose(1, 2, 0)
+            np.testing.assert_array_equal(pixels[:, :4], np.broadcast_to(background, (8, 4, 3)), err_msg=name)
+            np.testing.assert_array_equal(pixels[:, 4:], np.broadcast_to(opaque, (8, 4, 3)), err_msg=name)
+        assert scan_image(root / "a" / name) == (None, True)
+    assert scan_image(root / "a" / "opaque_rgba.png") == (None, False)
+    assert scan_image(root / "a" / "opaque.png") == (None, False)
+
+
+def test_background_colours_and_bad_values():
+    assert parse_background("white") == (255, 255, 255) and parse_background("black") == (0, 0, 0)
+    assert parse_background("0, 128,255") == (0, 128, 255) and parse_background("#102030") == (16, 32, 48)
+    paths = ["model.pretrained=/m", "data.target=/t"]
+    for value, why in (("bluish", "not a colour name"), ("1,2", "not R,G,B"), ("1,2,300", "not R,G,B")):
+        with pytest.raises(ConfigError, match=f"prepare.background: '{value}' is {why}"):
+            load_config("tiny_cpu", [*paths, f"prepare.background={value}"])
+
+
 # --- the job, as users run it -------------------------------------------------------------------------
 slow = pytest.mark.slow  # real processes
 
@@ -193,3 +236,26 @@ def test_latents_and_flipped_latents(models, images, tmp_path):
         np.testing.assert_allclose(sample["x"], vae_latent(image, i, 0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(sample["x_flip"], vae_latent(hflip(image), i, 1), rtol=1e-5, atol=1e-5)
         assert not np.allclose(sample["x_flip"], sample["x"][..., ::-1], atol=1e-3)  # not the flipped latent
+
+
+@slow
+def test_transparent_images_are_composited_and_counted(models, tmp_path):
+    root = make_transparent_folder(tmp_path / "images")
+    out = tmp_path / "target"
+    proc = run_prepare(prepare_args(models["pixel"], root, out, "prepare.background=0,0,255"))
+    assert_ok(proc)
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_transparent"] == 3 and report["background"] == [0, 0, 255]
+    assert report["transparent"] == [f"a/{name}" for name in sorted(TRANSPARENT)]
+    assert "3 images with transparent pixels composited onto RGB (0, 0, 255) (prepare.background)" in proc.stdout
+    dataset = ShardDataset(out)
+    assert len(dataset) == 5
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        name = sample["meta"]["path"].split("/")[1]
+        pixels = np.rint((sample["x"] + 1) * 127.5).transpose(1, 2, 0)  # pixel-space model: x is the image
+        if name in TRANSPARENT:
+            np.testing.assert_array_equal(pixels[:, :4], np.broadcast_to((0, 0, 255), (8, 4, 3)), err_msg=name)
+            np.testing.assert_array_equal(pixels[:, 4:], np.broadcast_to(TRANSPARENT[name], (8, 4, 3)), err_msg=name)
+        else:  # opaque: the stored colours, red included
+            np.testing.assert_array_equal(pixels[:, :4], np.broadcast_to((255, 0, 0), (8, 4, 3)), err_msg=name)

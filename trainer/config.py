@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from data.images import parse_background
 from models.tuning import TUNING_METHODS
 from trainer.loss import LOSS_WEIGHTINGS
 
@@ -130,6 +131,7 @@ class PrepareConfig:
     batch_size: int = 32
     hflip: bool = True  # also store each image's flipped version, for flip augmentation (not for sd_controlnet)
     seed: int = 0
+    background: str = "white"  # transparent pixels are composited onto it: a colour name, "#RRGGBB" or "R,G,B"
 
 
 # The paper's sudden-convergence thresholds (Table 4), by control: SSIM after blur for edges and sketches (higher is
@@ -305,6 +307,12 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"method.label_dropout={cfg.method.label_dropout} must be in [0, 1)")
     if cfg.eval.every < 0 or min(cfg.eval.num_controls, cfg.eval.num_steps, cfg.eval.batch_size) < 1:
         raise ConfigError("eval.every must be >= 0 and eval.num_controls, eval.num_steps, eval.batch_size >= 1")
+    try:
+        parse_background(cfg.prepare.background)
+    except ValueError as err:
+        raise ConfigError(
+            f"prepare.background: {err}; e.g. prepare.background=white or prepare.background=0,0,0"
+        ) from None
     if cfg.eval.every and cfg.model.family != "sd_controlnet":
         raise ConfigError(f"eval.every={cfg.eval.every}: convergence tracking is for model.family=sd_controlnet")
 

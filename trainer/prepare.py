@@ -26,12 +26,13 @@ from data.images import (
     ImageFolderListing,
     check_control,
     check_image,
-    find_unreadable,
     hflip,
     list_caption_folder,
     list_image_folder,
     load_image_and_control,
     load_images,
+    parse_background,
+    scan_images,
 )
 from data.shard_jobs import (
     claim_directory,
@@ -98,9 +99,11 @@ def target_samples(
     on_batch: Callable[[int], None],
 ) -> Iterator[dict]:
     """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
+    background = parse_background(prepare.background)
     for first in range(indices.start, indices.stop, prepare.batch_size):
         batch = range(first, min(first + prepare.batch_size, indices.stop))
-        images = load_images([listing.root / files[i][0] for i in batch], prepare.resolution, NUM_THREADS)
+        paths = [listing.root / files[i][0] for i in batch]
+        images = load_images(paths, prepare.resolution, NUM_THREADS, background)
         # A flip in latent space is not the latent of the flipped image: the flipped image is encoded too.
         views = {"x": images, "x_flip": hflip(images)} if prepare.hflip else {"x": images}
         encoded = {name: encode(family, view, prepare.seed, batch, VIEWS[name], device) for name, view in views.items()}
@@ -114,13 +117,16 @@ def target_samples(
             }
 
 
-def unreadable_files(listing: ImageFolderListing, rank: int, world: int, device: torch.device) -> list[int]:
-    """Positions in listing.files that fail check_image; each rank checks a slice, a sum gathers them."""
+def scan_files(listing: ImageFolderListing, rank: int, world: int, device: torch.device) -> tuple[list[int], list[int]]:
+    """Positions in listing.files that fail check_image, and those of readable images with transparent pixels
+    (composited onto prepare.background); each rank checks a slice, a sum gathers them."""
     mine = list(range(rank, len(listing.files), world))
-    results = find_unreadable([listing.root / listing.files[k][0] for k in mine], NUM_THREADS)
-    bad = torch.zeros(len(listing.files), dtype=torch.int32)
-    bad[[k for k, error in zip(mine, results) if error]] = 1
-    return distributed.all_reduce_sum(bad.to(device)).nonzero().flatten().tolist()
+    results = scan_images([listing.root / listing.files[k][0] for k in mine], NUM_THREADS)
+    status = torch.zeros(len(listing.files), dtype=torch.int32)  # 1: unreadable, 2: transparent
+    for k, (error, transparent) in zip(mine, results):
+        status[k] = 1 if error else 2 if transparent else 0
+    status = distributed.all_reduce_sum(status.to(device)).cpu()
+    return (status == 1).nonzero().flatten().tolist(), (status == 2).nonzero().flatten().tolist()
 
 
 def listing_sha256(listing: ImageFolderListing) -> str:
@@ -156,6 +162,7 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
         "encoder_sha256": None if family.vae is None else state_sha256(family.vae),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "hflip", "seed")},
+        "background": list(parse_background(prepare.background)),  # "white" and "255,255,255" are one setting
         "format": cfg.data.format,
     }
     claim_directory(directory, job, "data.target")
@@ -164,7 +171,7 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
 
     if rank == 0:
         print(f"prepare: checking {len(listing.files)} images in {listing.root} on {world} rank(s)", flush=True)
-    bad = unreadable_files(listing, rank, world, device)
+    bad, transparent = scan_files(listing, rank, world, device)
     bad_set = set(bad)
     files = [item for k, item in enumerate(listing.files) if k not in bad_set]
     if not files:
@@ -186,7 +193,7 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
         try:
             meta = {"kind": "target", "classes": listing.classes, "source": str(listing.root.resolve()), **job}
             merge_manifest(directory, len(files), prepare.samples_per_shard, fields, meta, fmt)
-            write_report(directory, listing, files, bad, len(ranges))
+            write_report(directory, listing, files, bad, len(ranges), transparent, job["background"])
         except ShardError as err:
             error = err
     if distributed.any_rank(error is not None, device):
@@ -195,9 +202,11 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
 
 
 def write_report(
-    directory: Path, listing: ImageFolderListing, files: list[tuple[str, int]], bad: list[int], num_shards: int
-) -> None:
-    """report.json and a printed summary: what was written, and every unreadable file with the reason."""
+    directory: Path, listing: ImageFolderListing, files: list[tuple[str, int]], bad: list[int], num_shards: int,
+    transparent: list[int], background: list[int],
+) -> None:  # fmt: skip
+    """report.json and a printed summary: what was written, every unreadable file with the reason, and every image
+    whose transparent pixels were composited onto the background."""
     unreadable = [{"path": listing.files[k][0], "error": check_image(listing.root / listing.files[k][0])} for k in bad]
     counts = np.bincount([label for _, label in files], minlength=len(listing.classes)).tolist()
     report = {
@@ -208,6 +217,9 @@ def write_report(
         "num_unreadable": len(unreadable),
         "unreadable": unreadable,
         "ignored": listing.ignored,
+        "num_transparent": len(transparent),
+        "background": background,
+        "transparent": [listing.files[k][0] for k in transparent],
     }
     atomic_write_bytes(directory / REPORT_NAME, (json.dumps(report, indent=1) + "\n").encode("utf-8"))
     lines = [
@@ -219,6 +231,11 @@ def write_report(
         lines.append(f"  ... and {len(unreadable) - MAX_PRINTED} more")
     if listing.ignored:
         lines.append(f"  {len(listing.ignored)} files without an image extension ignored")
+    if transparent:
+        lines.append(
+            f"  {len(transparent)} images with transparent pixels composited onto RGB {tuple(background)} "
+            "(prepare.background)"
+        )
     lines.append(f"  full report: {directory / REPORT_NAME}")
     print("\n".join(lines), flush=True)
 
@@ -255,7 +272,7 @@ def _prepare_controlnet_data(cfg: Config, rank: int, world: int, device: torch.d
         "encoder_sha256": state_sha256(family.vae), "null_tokens": family.null_tokens.tolist(),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "seed")},
-        "format": cfg.data.format,
+        "background": list(parse_background(prepare.background)), "format": cfg.data.format,
     }  # fmt: skip
     claim_directory(directory, job, "data.target")
     family.vae.to(device)
@@ -298,11 +315,12 @@ def controlnet_samples(
 ) -> Iterator[dict]:  # fmt: skip
     """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
     prepare, nearest = cfg.prepare, cfg.model.control == "seg"  # segmentation values are labels: never blend them
+    background = parse_background(prepare.background)
     for first in range(indices.start, indices.stop, prepare.batch_size):
         batch = [entries[i] for i in range(first, min(first + prepare.batch_size, indices.stop))]
         pairs = [
             load_image_and_control(listing.root / e["image"], e["control"] and listing.root / e["control"],
-                                   prepare.resolution, nearest)
+                                   prepare.resolution, nearest, background)
             for e in batch
         ]  # fmt: skip
         images = np.stack([image for image, _ in pairs])
