@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,6 +93,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None
     host_reads = HostReadLog(run_dir, rank) if cfg.debug.count_host_reads else None
     step_fn = StepFunction(cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device)
+    boundary = Boundary(cfg, family, engine, optimizer, ema, state, log, stats, preemption, ckpt_root, rank)
     try:
         for step in range(state.step, cfg.train.steps):
             with host_reads or contextlib.nullcontext():
@@ -103,9 +105,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
                     write_ledger(ledger, step, micro_batches)
                 if tracker is not None:  # every rank: gathers the ControlNet; its time is not training throughput
                     stats.started += tracker.after_step(state.step, engine, log)
-                logged, saved_now = after_step(
-                    cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root, rank, device, preemption
-                )
+                logged, saved_now = after_step(boundary)
             if host_reads:
                 host_reads.write(state.step, logged, saved_now)
     finally:
@@ -162,15 +162,32 @@ def slot_losses(
     return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
 
 
-def after_step(cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root, rank, device, preemption):
+@dataclass
+class Boundary:
+    """What the step boundary's bookkeeping works on (one object rather than a dozen arguments)."""
+
+    cfg: Config
+    family: object
+    engine: object
+    optimizer: object  # trainer.optim.GuardedAdamW
+    ema: ShardedEMA
+    state: RunState
+    log: MetricsLogger
+    stats: StepStats
+    preemption: PreemptionFlag
+    ckpt_root: Path
+    rank: int
+
+
+def after_step(run: Boundary) -> tuple[bool, bool]:
     """Logging, sample grids, checkpoints and preemption: the step boundary's bookkeeping. Only log and save
     steps read the device; returns (logged, saved)."""
-    done = state.step
+    cfg, state, done = run.cfg, run.state, run.state.step
     logging = done % cfg.run.log_every == 0 or done == cfg.train.steps
-    preempted = preemption.agreed()
+    preempted = run.preemption.agreed()
     saving = preempted or done % cfg.run.ckpt_every == 0 or done == cfg.train.steps
     if logging or saving:
-        state.applied_steps, state.skipped_steps, state.consecutive_skips, tripped_at = optimizer.counters.read()
+        state.applied_steps, state.skipped_steps, state.consecutive_skips, tripped_at = run.optimizer.counters.read()
         if tripped_at:
             limit = cfg.train.max_consecutive_skips
             raise NonFiniteError(
@@ -179,12 +196,13 @@ def after_step(cfg, state, engine, optimizer, ema, family, log, stats, ckpt_root
                 "check the data; the last good checkpoint is in run.dir/checkpoints"
             )
     if logging:
-        log.scalars(done, stats.report(engine, state.skipped_steps))
+        run.log.scalars(done, run.stats.report(run.engine, state.skipped_steps))
     if cfg.run.sample_every and done % cfg.run.sample_every == 0:
-        sample_grid(family, engine, ema, cfg, log, done)
+        sample_grid(run.family, run.engine, run.ema, cfg, run.log, done)
     if saving:
-        checkpoint.save(engine, ema, state, ckpt_root, rank, cfg.run.keep_last, crash_hook(cfg, done, rank))
-    log.advance()
+        crash = crash_hook(cfg, done, run.rank)
+        checkpoint.save(run.engine, run.ema, state, run.ckpt_root, run.rank, cfg.run.keep_last, crash)
+    run.log.advance()
     if preempted:
         raise Preempted(done)
     return logging, saving
