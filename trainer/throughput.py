@@ -225,7 +225,8 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
     # One more run counts the host reads of every step (the counter slows steps, so not in the timed runs).
     reads_dir = workdir / "host_reads"
     counted = [*overrides, "debug.count_host_reads=true"]
-    counted_cfg = load_config(config, [*counted, *benchmark_overrides(reads_dir, 3 * log_every, log_every)])
+    # Six steps logging every third: steps 1, 2, 4 and 5 neither log nor save.
+    counted_cfg = load_config(config, [*counted, *benchmark_overrides(reads_dir, 6, 3)])
     train(counted_cfg, overwrite=True)
     reads = read_host_reads(reads_dir / "host_reads" / "rank_00000.jsonl") if rank == 0 else None
     all_peaks = [None] * world_size
@@ -283,7 +284,7 @@ def format_report(result: dict) -> str:
         row("peak memory, GiB (max over ranks)", peaks, ".2f"),
         row("data-wait share", r["data_wait_share"], ".2%"),
         f"{'host reads per step (no log/save)':34}"
-        + (f"{reads['per_step']:>12} (log steps: {reads['per_log_step']}; by origin {reads['by_origin']})"
+        + (f"{reads['per_step']!s:>12} (log steps: {reads['per_log_step']}; by origin {reads['by_origin']})"
            if reads else f"{'n/a':>12}"),
         f"peak memory is {r['peak_memory_kind']}",
         f"FLOPs per step per rank {r['flops_per_step_per_rank'] / 1e9:.2f} GFLOP (torch.utils.flop_counter); "
