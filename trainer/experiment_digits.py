@@ -122,8 +122,15 @@ def run_experiment(plan: Plan) -> dict:
     real_target = nhwc_to_nchw(digits.split(digits.TARGET_DIGITS, "heldout")[0])
     records: list[dict] = []
     t = time.perf_counter()
-    pre = sample_metrics(plan, plan.source_model, plan.out / "eval" / "pretrained", held_target, net,
-                         nhwc_to_nchw(digits.few_shot(digits.TARGET_DIGITS, 1, 0)[0]), "eval.num_classes=5")
+    pre = sample_metrics(
+        plan,
+        plan.source_model,
+        plan.out / "eval" / "pretrained",
+        held_target,
+        net,
+        nhwc_to_nchw(digits.few_shot(digits.TARGET_DIGITS, 1, 0)[0]),
+        "eval.num_classes=5",
+    )
     lap("evaluate", t)
     floors = {}
     for (n, s), shards in targets.items():

@@ -62,8 +62,13 @@ def denoising_tables(results: dict) -> tuple[list[str], dict]:
                 by[(entry["size"], domain, model)].append(errors)
     lines = []
     for domain, what in (("target", "held-out digits 5-9, own class"), ("bank", "held-out digits 0-4, null class")):
-        lines += ["", f"ε-MSE on {what} (mean ± std over seeds):", "",
-                  "| images/class | model | " + " | ".join(bands) + " |", "|" + "---|" * (2 + len(bands))]
+        lines += [
+            "",
+            f"ε-MSE on {what} (mean ± std over seeds):",
+            "",
+            "| images/class | model | " + " | ".join(bands) + " |",
+            "|" + "---|" * (2 + len(bands)),
+        ]
         for (n, d, model), values in by.items():
             if d == domain:
                 columns = np.asarray(values).T.tolist()
@@ -146,7 +151,8 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
         f"overrides: {plan['overrides'] or 'none'}.  ",
         f"Held-out images: {results['heldout']['target']} of digits 5-9 (the FID reference and the target "
         f"denoising set), {results['heldout']['source']} of digits 0-4. Run time (s): "
-        + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in results["seconds"].items())
+        + ".",
         "",
         "Methods (`key=value` overrides of `configs/digits.yaml`):",
         "",
