@@ -47,7 +47,7 @@ class Plan:
     out: Path
     sizes: list[int] = field(default_factory=lambda: [10, 50])  # target images per class
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seed and the few-shot draw
-    steps: list[int] = field(default_factory=lambda: [300, 1200])  # cumulative: one run resumed to each count
+    steps: list[int] = field(default_factory=lambda: [200, 600])  # cumulative: one run resumed to each count
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     overrides: list[str] = field(default_factory=list)  # key=value for every job (e.g. eval.num_samples=100)
     source_model: str = str(ASSETS / "source_model")
@@ -151,7 +151,7 @@ def run_experiment(plan: Plan) -> dict:
                 evaluation = plan.out / "eval" / export.name
                 row = sample_metrics(plan, str(export), evaluation, held_target, net, train_images)["samples"]
                 records.append({"size": n, "seed": s, "method": method, "steps": steps, "export": str(export),
-                                **row})  # fmt: skip
+                                "grid": str(evaluation / "grid_samples.png"), **row})  # fmt: skip
                 lap("evaluate", t)
     t = time.perf_counter()
     replacement, denoising = [], []
@@ -187,3 +187,15 @@ def run_experiment(plan: Plan) -> dict:
     }
     (plan.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def merge_results(parts: list[dict], plan: Plan) -> dict:
+    """One results dict from the parts of a plan split by size (run in parallel, each in its own folder)."""
+    merged = {**parts[0], "plan": {**parts[0]["plan"], "out": str(plan.out), "sizes": list(plan.sizes)}}
+    for key in ("runs", "replacement", "denoising"):
+        merged[key] = [entry for part in parts for entry in part[key]]
+    merged["train_images_fid"] = {k: v for part in parts for k, v in part["train_images_fid"].items()}
+    merged["seconds"] = {f"part {i} {k}": v for i, part in enumerate(parts) for k, v in part["seconds"].items()}
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    return merged

@@ -7,6 +7,7 @@ rerunning the experiment refreshes every number without losing the analysis.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -121,6 +122,22 @@ def plot_all(results: dict, curves: dict, denoising: dict, docs: Path, prefix: s
     return names
 
 
+def sample_grids(results: dict, docs: Path, prefix: str) -> list[str]:
+    """The first seed's sample grids at the last step count (rows of classes in turn), copied beside the report."""
+    plan, lines = results["plan"], []
+    first = [r for r in results["runs"] if r["seed"] == plan["seeds"][0] and r["steps"] == plan["steps"][-1]]
+    for n in plan["sizes"]:
+        cells = []
+        for run in (r for r in first if r["size"] == n):
+            if Path(run["grid"]).is_file():
+                name = f"{prefix}_grid_n{n}_{run['method']}.png"
+                shutil.copyfile(run["grid"], docs / name)
+                cells.append(f"{run['method']}<br>![{run['method']}]({name})")
+        if cells:
+            lines += [f"{n} images per class:", "", "| " + " | ".join(cells) + " |", "|" + "---|" * len(cells), ""]
+    return lines
+
+
 def save(figure, path: Path) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -172,6 +189,9 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
         "",
         f"![FID by steps]({plots[0]})",
         "",
+        f"Samples (seed {plan['seeds'][0]}, {plan['steps'][-1]} steps; digit 5 + k in column k mod 5):",
+        "",
+        *sample_grids(results, docs, prefix),
         "## The replacement curve (chain of forgetting)",
         "",
         f"Models at {plan['steps'][-1]} steps; the last p% of the reverse steps are handed to the pre-trained",
