@@ -213,5 +213,7 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
         lines += [discussion.read_text().rstrip(), ""]
     path = docs / "results.md"
     path.write_text("\n".join(lines))
-    (docs / f"{prefix}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Paths relative to the checkout, so that the committed copy reads the same on every machine.
+    text = json.dumps(results, indent=2).replace(str(Path(__file__).resolve().parent.parent) + "/", "")
+    (docs / f"{prefix}_results.json").write_text(text + "\n")
     return path
