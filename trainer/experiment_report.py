@@ -153,7 +153,9 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
     replacement, curves = replacement_table(results)
     denoising, by = denoising_tables(results)
     plots = plot_all(results, curves, by, docs, prefix)
-    floors = list(results["train_images_fid"].values())
+    floors = defaultdict(list)
+    for key, value in results["train_images_fid"].items():
+        floors[int(key.split("_")[0])].append(value)
     pre = results["pretrained"]
     lines = [
         "# Results: the digits experiment",
@@ -184,8 +186,9 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
         *runs_table(results),
         "",
         f"For scale: the pre-trained model's samples (digits 0-4) give FID {pre['fid']:.2f}, accuracy "
-        f"{pre['accuracy']:.1%}; the training images themselves give FID {np.mean(floors):.2f} on average "
-        "(the few-shot sets against the held-out digits: what perfect memorisation would score).",
+        f"{pre['accuracy']:.1%}; the training images themselves give FID "
+        + ", ".join(f"{np.mean(v):.2f} ({n} per class)" for n, v in floors.items())
+        + " (the few-shot sets against the held-out digits, mean over seeds: what perfect memorisation scores).",
         "",
         f"![FID by steps]({plots[0]})",
         "",
