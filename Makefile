@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: env test lint demo bench
+.PHONY: env test lint demo bench experiment
 
 env: $(STAMP)
 
@@ -29,3 +29,8 @@ bench: env
 	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --out runs/bench.json
 	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --plan --out runs/bench_plan.json
 	DS_ACCELERATOR=cpu $(PY) launch/benchmark.py --check_plan
+
+# The digits experiment (docs/results.md): the extra that ships the data set, then every job in one process.
+experiment: env
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[experiments]'
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) launch/experiment_digits.py
