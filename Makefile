@@ -10,7 +10,7 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,mds]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,mds,experiments]'
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps mosaicml-streaming
 	rm -f $(VENV)/.installed-* && touch $@
 
