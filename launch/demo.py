@@ -88,8 +88,9 @@ def main() -> None:
         fake = sample_folder(str(folder), labels, num_steps=20, guidance_scale=1.5, seed=0)
         fids[name] = round(frechet_distance(net, real, fake), 2)
         leaks[name] = dark_share(fake)
-        grid = image_grid(fake[:32].float() / 127.5 - 1, columns=8)
-        Image.fromarray(grid).save(out / f"grid_{name}.png")
+        grid = Image.fromarray(image_grid(fake[:32].float() / 127.5 - 1, columns=8))
+        # 16 px samples are unreadable at 1:1: nearest-upscaled 4x, so that a person can see them.
+        grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(out / f"grid_{name}.png")
         # Source images with the null class (what retention keeps), target images with their own class.
         errors[name] = {
             domain: [round(e, 4) for e in denoising_error(str(folder), x.float() / 127.5 - 1, y, BANDS, seed=0)]
