@@ -72,8 +72,8 @@ def describe(method: TuningMethod, denoiser: torch.nn.Module) -> str:
     """One line for the start of a run: how many tensors and elements train, of how many."""
     names = set(method.trainable_names(denoiser))
     params = dict(denoiser.named_parameters())
-    tuned = sum(params[n].numel() for n in names)
-    total = sum(p.numel() for p in params.values())
+    tuned = sum(_numel(params[n]) for n in names)
+    total = sum(_numel(p) for p in params.values())
     return (
         f"tunable set ({method.name}): {len(names)} of {len(params)} parameter tensors, "
         f"{tuned:,} of {total:,} elements ({100.0 * tuned / max(total, 1):.3f}%)"
@@ -111,3 +111,8 @@ def requires_grad_names(denoiser: torch.nn.Module) -> list[str]:
 def single_group(denoiser: torch.nn.Module, lr: float) -> list[dict]:
     """One group of every trainable parameter at `lr` (`base_lr`: the LR schedule scales from it)."""
     return [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when it was built partitioned (ZeRO-3 keeps the full count aside)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
