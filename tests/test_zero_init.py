@@ -68,12 +68,13 @@ def probe(out: Path, overrides: list[str]) -> None:
     report["names"] = sorted(parameters) == sorted(plain)
 
     tuned = family.tunable_parameters(family.denoiser)
-    engine, optimizer = build_engine(cfg, family.denoiser, tuned, gradient_accumulation_steps(cfg, world_size), False)
+    accumulation = gradient_accumulation_steps(cfg, world_size)
+    engine, optimizer = build_engine(cfg, family.denoiser, tuned, accumulation, False, torch.device("cpu"))
     generator = torch.Generator().manual_seed(rank)
     batch = cfg.train.micro_batch_size
     x = torch.randn((batch, *family.sample_shape), generator=generator)
     t, labels = torch.randint(0, 1000, (batch,), generator=generator), torch.arange(batch) % family.null_condition
-    optimizer.begin_step(0)
+    optimizer.begin_step()
     engine.backward(family.predict(engine, x, t, labels).square().mean())
     engine.step()
     with distributed.full_parameters(engine.module):
