@@ -111,6 +111,8 @@ def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, z
         f"run.dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero_stage}", "train.precision=fp32",
         f"train.global_batch_size={num_ranks * micro_batch_size}", f"train.micro_batch_size={micro_batch_size}",
         "data.verify=size", "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false",
+        # Decoding worker processes would fork a rank that already holds its model (seen: OOM at DiT-XL/2 size).
+        "data.num_workers=0",
     ]  # fmt: skip
     launcher = str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
