@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from data.batch import MicroBatch
+from data.batch import MicroBatch, load_micro_batch
 from data.sampler import BANK, TARGET
 from models.dit import DiTFamily
 from tests.conftest import assert_ok, read_metrics, run_entry, train_args
 from tests.test_train_distributed import assert_same_run
+from tests.tiny_sd import tiny_sd  # noqa: F401 (a session fixture)
 from trainer.config import ConfigError, load_config
+from trainer.host_reads import HostReadCounter
 from trainer.loop import slot_losses
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights
 from trainer.retention import retention_method
+from trainer.setup import build_planner, load_family, open_sources
 
 NUM_CLASSES = 4
 
@@ -58,7 +61,9 @@ def test_kd_loss_equals_a_hand_computation(tiny):
     with torch.no_grad():  # a student that has moved away from the pre-trained weights
         for parameter in student.denoiser.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    with HostReadCounter() as counter:  # which slots distil is known on the host: the step reads nothing back
+        losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    assert counter.take()[0] == {}
 
     teacher = DiTFamily.from_pretrained(str(tiny["pretrained"]))  # the released label space: null class 10
     assert teacher.null_condition == 10 and student.null_condition == NUM_CLASSES
@@ -124,3 +129,28 @@ def test_kd_zero2_resumes_exactly_and_exports(tiny, tmp_path):
     assert_ok(run_entry("train.py", train_args(tiny, resumed, *common) + ["--resume"], num_procs=2))
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
     assert_same_run(straight, resumed, steps={3, 4}, rtol=1e-6)
+
+
+def test_kd_runs_through_the_family_interface_for_a_controlnet(tiny_sd):  # noqa: F811
+    """The teacher is whatever the family builds from model.pretrained: for SD + ControlNet a second ControlNet
+    (from the UNet) over a second frozen UNet. Equal to the student at the start, apart once the student moves."""
+    cfg = load_config("tiny_sd_cpu", [f"model.pretrained={tiny_sd['pretrained']}", f"data.target={tiny_sd['target']}",
+                                      "method.retention=kd"])  # fmt: skip
+    retention = retention_method(cfg)
+    student = load_family(cfg)
+    student.place_frozen(torch.device("cpu"))
+    retention.prepare(torch.device("cpu"), torch.float32)
+    sources = open_sources(cfg, student, retention)
+    assert sources[BANK] is sources[TARGET]  # KD slots re-read the target set
+    planner = build_planner(cfg, student, sources)
+    batch = load_micro_batch(planner.plan(0), np.arange(4), sources, student.condition_fields)
+    kd_rows = np.flatnonzero(batch.ids[:, 1] == BANK)
+    assert len(kd_rows) == 2 and batch.null_condition[kd_rows].all()
+    schedule = NoiseSchedule(student.betas())
+    losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    torch.testing.assert_close(losses[kd_rows], torch.zeros(2), atol=1e-10, rtol=0)
+    with torch.no_grad():
+        for parameter in student.denoiser.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    assert (losses[kd_rows] > 0).all() and torch.isfinite(losses).all()
