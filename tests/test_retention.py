@@ -143,6 +143,10 @@ def test_kd_runs_through_the_family_interface_for_a_controlnet(tiny_sd):  # noqa
     sources = open_sources(cfg, student, retention)
     assert sources[BANK] is sources[TARGET]  # KD slots re-read the target set
     planner = build_planner(cfg, student, sources)
+    plans = [planner.plan(step) for step in range(300)]  # KD slots draw t ~ xi: the low-noise end
+    kd_t = np.concatenate([p.t[p.is_bank] for p in plans])
+    target_t = np.concatenate([p.t[~p.is_bank] for p in plans])
+    assert kd_t.mean() < 400 < 600 < target_t.mean()  # E[t] = T/3 under xi = 1 - t/T, 2T/3 under psi = t/T
     batch = load_micro_batch(planner.plan(0), np.arange(4), sources, student.condition_fields)
     kd_rows = np.flatnonzero(batch.ids[:, 1] == BANK)
     assert len(kd_rows) == 2 and batch.null_condition[kd_rows].all()
