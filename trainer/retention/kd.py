@@ -4,9 +4,9 @@ The retention slots re-use target images: the target data is all a KD run has, a
 prediction on them at low noise is what the bank's samples would otherwise teach. They keep the plan's bank rules:
 `t ~ xi` (the low-noise end, where the chain of forgetting says the pre-trained model denoises best) and the null
 condition (the target labels mean nothing to the teacher's label space; as with the bank, only the unconditional
-branch is retained). They walk their own permutation of the target set, so they are other images than the
-target slots of the same step. Their loss is the distance of the student's prediction to the teacher's on the
-same noisy input; they weigh `method.kd_weight / (global number of KD slots)` (rebuttal: 0.05).
+branch is retained). They walk their own seeded permutation of the target set, independent of the target slots'
+(an image may meet itself at another t in both). Their loss is the distance of the student's prediction to the
+teacher's on the same noisy input; they weigh `method.kd_weight / (global number of KD slots)` (rebuttal: 0.05).
 
 The teacher is a second copy of the denoiser, built from model.pretrained outside DeepSpeed, frozen, in the
 training precision, on every rank: it costs its weights once more per rank (no gradients, no optimizer state, no
