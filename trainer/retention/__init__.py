@@ -20,6 +20,7 @@ from data.sampler import BANK
 
 if TYPE_CHECKING:
     from data.batch import MicroBatch
+    from data.shards import ShardDataset
     from trainer.config import Config
 
 RETENTION = BANK  # the plan's source id of the retention slots (the bank's, for which the plan was made)
@@ -31,7 +32,7 @@ class Retention(Protocol):
     source_key: str  # the config key of the data set its slots read, for error messages
     loss_weight: float  # lambda: the retention slots weigh loss_weight / (global number of retention slots)
 
-    def open_source(self, target):
+    def open_source(self, target: ShardDataset) -> ShardDataset | None:
         """The data set the retention slots read (`target` is the opened data.target), or None for no slots."""
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
