@@ -131,8 +131,12 @@ class GlobalBatchPlanner:
         label_dropout: float,
         seed: int,
         bank_rounding: str = "round",
+        retention_name: str = "bank",
     ):
+        """`num_bank`, `bank_ratio`: the size of the data set the retention slots read and their share of the batch;
+        `retention_name` names them (`bank`, or `kd` whose slots re-read the target set with their own permutation)."""
         self.global_batch_size = global_batch_size
+        self.retention_name = retention_name
         self.num_bank_slots = num_bank_slots(global_batch_size, bank_ratio, bank_rounding)
         self.num_target_slots = global_batch_size - self.num_bank_slots
         self.source_sizes = {TARGET: num_target, BANK: num_bank}
@@ -142,7 +146,7 @@ class GlobalBatchPlanner:
         self._cdf = {TARGET: np.cumsum(p_target), BANK: np.cumsum(p_bank)}
         for source, slots, name in (
             (TARGET, self.num_target_slots, "target"),
-            (BANK, self.num_bank_slots, "bank"),
+            (BANK, self.num_bank_slots, retention_name),
         ):
             if slots and not self.source_sizes[source]:
                 raise ValueError(f"the plan needs {slots} {name} slots per step but the {name} set is empty")
@@ -151,7 +155,7 @@ class GlobalBatchPlanner:
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
     def source_sizes_by_name(self) -> dict[str, int]:
-        return {"target": self.source_sizes[TARGET], "bank": self.source_sizes[BANK]}
+        return {"target": self.source_sizes[TARGET], self.retention_name: self.source_sizes[BANK]}
 
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         key = (source, epoch)

@@ -2,7 +2,8 @@
 
 `deepspeed launch/benchmark.py --config X key=value ... [--out result.json]` (or `python launch/benchmark.py`,
 one process): images/s per GPU, TFLOP/s and MFU, peak memory, data-wait share, host reads per step, and the
-step-time ratios Diff-Tuning / fine-tuning and trainer / minimal PyTorch loop, measured side by side. Without
+step-time ratios Diff-Tuning / fine-tuning, KD retention / Diff-Tuning (bank) and trainer / minimal PyTorch loop,
+measured side by side. Without
 model.pretrained it builds a small DiT (4 blocks, 192 wide, 16x16x4 latents) and synthetic shards.
 
 `--plan`: per-GPU memory on the meta device, e.g. `--plan --model dit-xl2 --world_size 8 --zero 2 3

@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from data.images import parse_background
 from models.tuning import TUNING_METHODS
 from trainer.loss import LOSS_WEIGHTINGS
+from trainer.retention import RETENTION_METHODS, check_retention
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -44,7 +45,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     target: str = ""  # shard directory of the target data
-    bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0
+    bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0 or under KD
     verify: str = "sha256"  # sha256 | size | none: how shards are checked against the manifest at start-up
     format: str = "wds"  # wds (webdataset tars) | mds (mosaicml-streaming) for the shards the jobs write;
     # readers take the format from the manifest
@@ -54,11 +55,13 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    """Diff-Tuning's split of timesteps between the target data and the memory bank (METHOD.md)."""
+    """Diff-Tuning's split of timesteps between the target data and the retention (METHOD.md)."""
 
-    bank_ratio: float = 0.5  # r: share of each global batch drawn from the bank
+    retention: str = "bank"  # what keeps pre-trained knowledge: bank (replay data.bank) | kd (distil the frozen model)
+    bank_ratio: float = 0.5  # r: share of each global batch given to retention (bank samples, or KD slots under kd)
     bank_count: str = "round"  # round: round(B*r) (paper) | floor: int(B*r) (released code)
-    bank_loss_weight: float = 1.0  # lambda
+    bank_loss_weight: float = 1.0  # lambda of bank replay
+    kd_weight: float = 0.05  # lambda of method.retention=kd (rebuttal: 0.05)
     tau: float = 1.0  # psi(t) = (t/T)^tau; tau = 0 with bank_ratio = 0 is plain fine-tuning
     timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau'
     bank_tau: float = 1.0  # tau' of the mirrored bank distribution
@@ -284,6 +287,7 @@ def check_config(cfg: Config) -> None:
             f"method.p2_gamma={cfg.method.p2_gamma} >= 0; P2's paper uses k=1 and gamma 0.5 or 1"
         )
     _choice(cfg.method.peft, tuple(TUNING_METHODS), "method.peft")
+    _choice(cfg.method.retention, tuple(RETENTION_METHODS), "method.retention")
     if cfg.peft.lora_rank < 1 or cfg.peft.difffit_blocks < 1 or cfg.peft.lr_scale <= 0:
         raise ConfigError("peft.lora_rank and peft.difffit_blocks must be >= 1 and peft.lr_scale > 0")
     if cfg.method.peft != "full" and cfg.eval.every:
@@ -313,6 +317,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(
             f"prepare.background: {err}; e.g. prepare.background=white or prepare.background=0,0,0"
         ) from None
+    check_retention(cfg)
     if cfg.eval.every and cfg.model.family != "sd_controlnet":
         raise ConfigError(f"eval.every={cfg.eval.every}: convergence tracking is for model.family=sd_controlnet")
 

@@ -28,6 +28,7 @@ from trainer.host_reads import HostReadLog, host_side
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
+from trainer.retention import Retention, retention_method
 from trainer.setup import (
     apply_tuning,
     build_planner,
@@ -52,7 +53,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     check_run_dir(run_dir, resume, overwrite)
     family = load_family(cfg, training=True)  # under ZeRO-3 built partitioned: no rank holds all weights
     tuning = apply_tuning(cfg, family, rank)  # which parameters train (full, DiffFit, BitFit, LoRA)
-    sources = open_sources(cfg, family)
+    retention = retention_method(cfg)  # what keeps pre-trained knowledge: bank replay or distillation
+    sources = open_sources(cfg, family, retention)
     planner = build_planner(cfg, family, sources)
     partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
     saved, universal = (None, False)
@@ -69,7 +71,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     distributed.barrier()
 
     schedule = NoiseSchedule(family.betas()).to(device)
-    family.place_frozen(device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    family.place_frozen(device, dtype)
+    retention.prepare(device, dtype)  # KD: the frozen teacher, outside DeepSpeed, in the training precision
     groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
     engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
     ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns
@@ -89,10 +93,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
     )  # fmt: skip
     log = MetricsLogger(run_dir, rank == 0, state.step, cfg.train.steps, cfg.run.progress)
-    stats, preemption = StepStats(device, schedule.num_timesteps), PreemptionFlag()
+    stats, preemption = StepStats(device, schedule.num_timesteps, retention.name), PreemptionFlag()
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None
     host_reads = HostReadLog(run_dir, rank) if cfg.debug.count_host_reads else None
-    step_fn = StepFunction(cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device)
+    step_fn = StepFunction(
+        cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device, retention
+    )
     boundary = Boundary(cfg, family, engine, optimizer, ema, state, log, stats, preemption, ckpt_root, rank)
     try:
         for step in range(state.step, cfg.train.steps):
@@ -124,11 +130,13 @@ class StepFunction:
     """One global step on this rank's slots: per-slot losses -> weighted backward -> optimizer step.
     Reads nothing back from the device; returns the applied flag (a device tensor)."""
 
-    def __init__(self, cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device):
+    def __init__(self, cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device, retention):
         self.cfg, self.family, self.engine, self.optimizer = cfg, family, engine, optimizer
         self.schedule, self.stats, self.rank, self.device = schedule, stats, rank, device
+        self.retention = retention
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.counts = (planner.num_target_slots, planner.num_bank_slots, cfg.method.bank_loss_weight)
+        # Retention slots (the plan's bank slots: bank samples or KD slots) weigh retention.loss_weight in all.
+        self.counts = (planner.num_target_slots, planner.num_bank_slots, retention.loss_weight)
         # DeepSpeed averages over ranks and accumulation steps; undoing both gives the global weighted sum.
         self.loss_scale = world_size * gradient_accumulation_steps(cfg, world_size)
 
@@ -139,7 +147,9 @@ class StepFunction:
             batch = host_batch.to(self.device)
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
-            losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype, self.cfg.method)
+            losses = slot_losses(
+                self.family, self.engine, batch, self.schedule, self.dtype, self.cfg.method, self.retention
+            )
             losses = losses * injected_nan(self.cfg, step, self.rank)
             self.optimizer.note_losses(losses)
             self.engine.backward((losses * weights).sum() * self.loss_scale)
@@ -151,15 +161,23 @@ class StepFunction:
 
 
 def slot_losses(
-    family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype, method: MethodConfig | None = None
+    family,
+    denoiser,
+    batch: MicroBatch,
+    schedule: NoiseSchedule,
+    dtype: torch.dtype,
+    method: MethodConfig | None = None,
+    retention: Retention | None = None,
 ):
     """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision), its
-    epsilon-MSE re-weighted by method.loss_weighting (all 1 for none)."""
+    epsilon-MSE re-weighted by method.loss_weighting (all 1 for none); the retention method puts its own loss in
+    its slots' places (bank replay keeps the objective)."""
     x_t = schedule.add_noise(batch.x0, batch.noise, batch.t)
     condition = family.condition(batch.condition, batch.null_condition)
     output = family.predict(denoiser, x_t.to(dtype), batch.t, condition)
     mse_weights = None if method is None else timestep_loss_weights(batch.t, schedule, method)
-    return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
+    losses = diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
+    return losses if retention is None else retention.slot_losses(losses, output, x_t, batch)
 
 
 @dataclass

@@ -99,7 +99,8 @@ def diffusion_loss(
 
 
 def source_weights(is_bank: torch.Tensor, num_target: int, num_bank: int, bank_loss_weight: float) -> torch.Tensor:
-    """Per-slot weights: mean over the global target slots + lambda * mean over the global bank slots."""
+    """Per-slot weights: mean over the global target slots + lambda * mean over the global retention slots
+    (`is_bank`: the plan's retention slots, bank samples or KD slots; lambda: the retention's `loss_weight`)."""
     target_weight = 1.0 / num_target if num_target else 0.0
     bank_weight = bank_loss_weight / num_bank if num_bank else 0.0
     return torch.where(is_bank, bank_weight, target_weight).float()

@@ -86,14 +86,15 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -
 
 class StepStats:
     """Sums of one logging interval (losses by source and t-bucket, gradient norm), kept on the device and
-    reduced over ranks only when reported; timings on the host."""
+    reduced over ranks only when reported; timings on the host. The retention slots' mean loss is logged as
+    `loss/<retention_name>` (loss/bank, loss/kd)."""
 
-    def __init__(self, device: torch.device, num_timesteps: int):
-        self.device, self.num_timesteps = device, num_timesteps
+    def __init__(self, device: torch.device, num_timesteps: int, retention_name: str = "bank"):
+        self.device, self.num_timesteps, self.retention_name = device, num_timesteps, retention_name
         self._reset()
 
     def _reset(self) -> None:
-        # total, target sum, target count, bank sum, bank count, then per t-bucket sums and counts
+        # total, target sum, target count, retention sum, retention count, then per t-bucket sums and counts
         self.sums = torch.zeros(5 + 2 * NUM_T_BUCKETS, dtype=torch.float64, device=self.device)
         self.grad_norm: torch.Tensor | None = None
         self.data_seconds = 0.0
@@ -106,9 +107,9 @@ class StepStats:
         self.data_seconds += time.perf_counter() - begin
         return out
 
-    def add(self, losses: torch.Tensor, weights: torch.Tensor, is_bank: torch.Tensor, t: torch.Tensor) -> None:
+    def add(self, losses: torch.Tensor, weights: torch.Tensor, is_retention: torch.Tensor, t: torch.Tensor) -> None:
         """Device arithmetic only (no masks, no reads); a non-finite loss stays in its own source's sum."""
-        losses, bank = losses.double(), is_bank.to(self.device)
+        losses, bank = losses.double(), is_retention.to(self.device)
         zero = torch.zeros_like(losses)
         target_losses, bank_losses = torch.where(bank, zero, losses), torch.where(bank, losses, zero)
         by_source = torch.stack(
@@ -133,7 +134,7 @@ class StepStats:
         values = {
             "loss/total": sums[0] / self.steps,
             "loss/target": sums[1] / sums[2] if sums[2] else None,
-            "loss/bank": sums[3] / sums[4] if sums[4] else None,
+            f"loss/{self.retention_name}": sums[3] / sums[4] if sums[4] else None,
             "grad_norm": None if self.grad_norm is None else float(self.grad_norm),  # of the last step
             "skipped_steps": skipped_total,  # non-finite loss or gradient on some rank: nothing was updated
             "lr": float(lr),

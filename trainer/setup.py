@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from data.formats import open_shard_set
-from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit
+from data.sampler import TARGET, GlobalBatchPlanner, TimestepSplit
 from data.shards import ShardDataset
 from models import family_class
 from models.dit_weights import copy_into_parameter
 from models.tuning import TuningMethod, describe, tuning_method
 from trainer.config import Config, ConfigError, gradient_accumulation_steps, plan_settings, to_yaml
+from trainer.retention import RETENTION, Retention, retention_method
 
 
 def load_family(cfg: Config, num_classes: int | None = None, *, training: bool = False):
@@ -88,11 +89,13 @@ def apply_tuning(cfg: Config, family, rank: int) -> TuningMethod:
 
 
 def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> GlobalBatchPlanner:
+    """Retention slots (bank samples, or KD's re-read target images) take method.bank_ratio of each global batch."""
     return GlobalBatchPlanner(
         global_batch_size=cfg.train.global_batch_size, num_target=len(sources[TARGET]),
-        num_bank=len(sources[BANK]) if BANK in sources else 0, bank_ratio=cfg.method.bank_ratio,
+        num_bank=len(sources[RETENTION]) if RETENTION in sources else 0, bank_ratio=cfg.method.bank_ratio,
         bank_rounding=cfg.method.bank_count, label_dropout=cfg.method.label_dropout, seed=cfg.train.seed,
         split=TimestepSplit(len(family.betas()), cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
+        retention_name=cfg.method.retention,
     )  # fmt: skip
 
 
@@ -124,17 +127,15 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def open_sources(cfg: Config, family) -> dict[int, ShardDataset]:
-    """Opens (and checks against their manifests) the target shards and, for Diff-Tuning, the bank."""
+def open_sources(cfg: Config, family, retention: Retention | None = None) -> dict[int, ShardDataset]:
+    """Opens (and checks against their manifests) the target shards and the data set the retention slots read
+    (the bank; none for plain fine-tuning)."""
+    retention = retention or retention_method(cfg)
     sources = {TARGET: open_shard_set(cfg.data.target, verify=cfg.data.verify)}
-    if cfg.method.bank_ratio > 0:
-        if not cfg.data.bank:
-            raise ConfigError(
-                f"method.bank_ratio={cfg.method.bank_ratio} needs a memory bank: set data.bank=/path/to/bank "
-                "(made by launch/generate_bank.py), or method.bank_ratio=0 for plain fine-tuning"
-            )
-        sources[BANK] = open_shard_set(cfg.data.bank, verify=cfg.data.verify)
-    for source, key in ((TARGET, "data.target"), (BANK, "data.bank")):
+    retained = retention.open_source(sources[TARGET])
+    if retained is not None:
+        sources[RETENTION] = retained
+    for source, key in ((TARGET, "data.target"), (RETENTION, retention.source_key)):
         if source not in sources:
             continue
         dataset = sources[source]

@@ -1,8 +1,10 @@
 """The throughput benchmark: the real trainer against a minimal PyTorch loop, on the same model and batch.
 
 Every rank runs it (`deepspeed launch/benchmark.py --config X ...`). In rounds, alternating so that drift of
-the machine hits all of them, it runs Diff-Tuning and plain fine-tuning (the same config with
-`method.bank_ratio=0 method.tau=0`) through `trainer.loop.train`, the function `launch/train.py` calls, and a
+the machine hits all of them, it runs Diff-Tuning, Diff-Tuning with knowledge distillation in place of the bank
+(`method.retention=kd data.bank=null`: a frozen teacher's forward on the retention slots; not under ZeRO-3, which
+refuses it), plain fine-tuning (the same config with `method.bank_ratio=0 method.tau=0`) through
+`trainer.loop.train`, the function `launch/train.py` calls, and a
 loop of DiT's `train.py` shape: torch AdamW, an EMA update, `diffusion_loss` with the schedule, the data
 already in memory, DDP when there are several ranks. Step times are medians over logging intervals after the
 warm-up ones. FLOPs of one step are counted once with `FlopCounterMode` on the real model and micro-batch.
@@ -27,9 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from data.batch import StepLoader
 from data.sampler import slot_ids
 from trainer import distributed
-from trainer.config import Config, gradient_accumulation_steps, load_config
+from trainer.config import Config, ConfigError, gradient_accumulation_steps, load_config
 from trainer.loop import train
 from trainer.loss import NoiseSchedule, diffusion_loss
+from trainer.retention import RETENTION
 from trainer.setup import build_planner, load_family, open_sources
 
 # Dense peaks in TFLOP/s (bf16, tf32) by a substring of the device name; first match wins.
@@ -40,7 +43,10 @@ GPU_PEAK_TFLOPS = (
     ("A100", {"bf16": 312.0, "fp32": 156.0}),
 )
 FINETUNE = ["method.bank_ratio=0", "method.tau=0"]
-VARIANTS = ("difftune", "finetune", "plain")
+# The bank's lambda is bank replay's only; KD weighs its slots by method.kd_weight (and refuses another lambda).
+KD = ["method.retention=kd", "data.bank=null", "method.bank_loss_weight=1"]
+VARIANT_OVERRIDES = {"difftune": [], "kd": KD, "finetune": FINETUNE}  # trainer runs; "plain" is the minimal loop
+VARIANTS = ("difftune", "kd", "finetune", "plain")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -149,6 +155,17 @@ class PlainLoop:
         self.model.zero_grad(set_to_none=True)
         return counter.get_total_flops() * len(self.batches)
 
+    def teacher_flops_per_step(self) -> int:
+        """FLOPs that KD adds to a step of this rank: the frozen teacher's forward on the rank's retention slots
+        (the same slots as the bank's; the teacher has the student's architecture, so the student stands in)."""
+        batch = self.batches[0]
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            x_t = self.schedule.add_noise(batch.x0, batch.noise, batch.t)
+            self.family.predict(self.model, x_t, batch.t, self.family.condition(batch.condition, batch.null_condition))
+        retention_slots = sum(int((b.ids[:, 1] == RETENTION).sum()) for b in self.batches)
+        return counter.get_total_flops() * retention_slots // len(batch.t)
+
     def interval_seconds(self, steps: int, log_every: int) -> list[float]:
         """Seconds per step of each interval of `log_every` steps."""
         times = []
@@ -200,24 +217,37 @@ def work_dir(requested: str | None) -> Path:
     return Path(chosen[0])
 
 
+def measured_variants(config: str | None, overrides: list[str]) -> tuple[tuple[str, ...], str | None]:
+    """Every variant, but KD where the config refuses it (ZeRO-3, no retention slots): (variants, why not KD)."""
+    try:
+        load_config(config, [*overrides, *KD])
+    except ConfigError as err:
+        return tuple(v for v in VARIANTS if v != "kd"), str(err)
+    return VARIANTS, None
+
+
 def measure(config: str | None, overrides: list[str], *, steps: int, log_every: int, warmup_intervals: int,
             rounds: int, peak_override: float | None, workdir: Path) -> dict:  # fmt: skip
     """Runs every variant `rounds` times, alternating; returns the figures (on rank 0; other ranks get theirs)."""
     rank, world_size, device = distributed.init()
     cfg = load_config(config, [*overrides, *benchmark_overrides(workdir / "probe", steps, log_every)])
-    flops = PlainLoop(cfg, device, world_size).flops_per_step()
-    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    wait: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    peaks: dict[str, int] = {v: 0 for v in VARIANTS}
+    probe = PlainLoop(cfg, device, world_size)
+    flops = probe.flops_per_step()
+    variant_flops = {v: flops for v in VARIANTS} | {"kd": flops + probe.teacher_flops_per_step()}
+    del probe
+    variants, kd_refused = measured_variants(config, overrides)
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    wait: dict[str, list[float]] = {v: [] for v in variants}
+    peaks: dict[str, int] = {v: 0 for v in variants}
     batch = cfg.train.global_batch_size
     for repeat in range(rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             _reset_peak(device)  # each variant builds its model afresh, so its peak is its own
             if variant == "plain":
                 times = PlainLoop(cfg, device, world_size).interval_seconds(steps, log_every)
                 seconds[variant] += times[warmup_intervals:]
             else:
-                extra = FINETUNE if variant == "finetune" else []
+                extra = VARIANT_OVERRIDES[variant]
                 rows = trainer_intervals(config, [*overrides, *extra], workdir / f"{variant}{repeat}", steps, log_every)
                 seconds[variant] += [batch / r["images_per_second"] for r in rows[warmup_intervals:]]
                 wait[variant] += [r["time/data_wait_fraction"] for r in rows[warmup_intervals:]]
@@ -235,7 +265,7 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
         return {}
     step_s = {v: statistics.median(s) for v, s in seconds.items()}
     peak = peak_tflops(device, cfg.train.precision, peak_override)
-    achieved = {v: flops / step_s[v] / 1e12 for v in VARIANTS}
+    achieved = {v: variant_flops[v] / step_s[v] / 1e12 for v in variants}
     return {
         "config": config, "overrides": overrides, "device": device_name(device), "world_size": world_size,
         "global_batch_size": batch, "micro_batch_size": cfg.train.micro_batch_size,
@@ -244,8 +274,10 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
         "step_ms": {v: s * 1000 for v, s in step_s.items()},
         "images_per_second_per_gpu": {v: batch / s / world_size for v, s in step_s.items()},
         "flops_per_step_per_rank": flops, "tflops_per_gpu": achieved, "peak_tflops": peak,
+        "flops_ratio_kd_over_difftune": variant_flops["kd"] / flops, "kd_not_measured": kd_refused,
         "mfu": {v: a / peak for v, a in achieved.items()} if peak else None,
-        "peak_memory_gib_per_rank": {v: [p[v] / 2**30 for p in all_peaks] for v in VARIANTS},
+        "steps_per_second": {v: 1.0 / s for v, s in step_s.items()},
+        "peak_memory_gib_per_rank": {v: [p[v] / 2**30 for p in all_peaks] for v in variants},
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
         "process peak RSS (ru_maxrss, whole process lifetime, libraries included)",
         "data_wait_share": {v: statistics.median(w) for v, w in wait.items() if w},
@@ -253,6 +285,9 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
         "ratio_difftune_over_finetune": step_s["difftune"] / step_s["finetune"],
         "ratio_difftune_over_plain": step_s["difftune"] / step_s["plain"],
         "ratio_finetune_over_plain": step_s["finetune"] / step_s["plain"],
+        # KD's cost as the rebuttal states it: steps/s of Diff-Tuning with the bank over that with KD (2.1 / 1.34).
+        "ratio_kd_over_difftune": step_s["kd"] / step_s["difftune"] if "kd" in step_s else None,
+        "ratio_kd_over_finetune": step_s["kd"] / step_s["finetune"] if "kd" in step_s else None,
         "planner_ms_at_global_batch_4096": planner_milliseconds(cfg),
         "load": os.getloadavg(),
     }  # fmt: skip
@@ -270,7 +305,7 @@ def format_report(result: dict) -> str:
         cells = [format(values[v], fmt) if values and values.get(v) is not None else "n/a" for v in VARIANTS]
         return f"{label:34}" + "".join(f"{c:>12}" for c in cells)
 
-    peaks = {v: max(r["peak_memory_gib_per_rank"][v]) for v in VARIANTS}
+    peaks = {v: max(gib) for v, gib in r["peak_memory_gib_per_rank"].items()}
     reads = r["host_reads"]
     lines = [
         f"{r['config'] or 'default'} {' '.join(r['overrides'])}".strip(),
@@ -278,6 +313,7 @@ def format_report(result: dict) -> str:
         f"{r['micro_batch_size']}, {r['precision']}, ZeRO-{r['zero_stage']}; load average {r['load'][0]:.1f}",
         f"{'':34}" + "".join(f"{v:>12}" for v in VARIANTS),
         row("step time, ms (median)", r["step_ms"], ".1f"),
+        row("steps/s", r["steps_per_second"], ".3f"),
         row("images/s per GPU", r["images_per_second_per_gpu"], ".1f"),
         row("achieved TFLOP/s per GPU", r["tflops_per_gpu"], ".3f"),
         row("MFU" + ("" if r["peak_tflops"] else " (no peak known: --peak_tflops)"), r["mfu"], ".1%"),
@@ -292,6 +328,14 @@ def format_report(result: dict) -> str:
         f"step-time ratio Diff-Tuning / fine-tuning      {r['ratio_difftune_over_finetune']:.3f}",
         f"step-time ratio Diff-Tuning / minimal loop     {r['ratio_difftune_over_plain']:.3f}",
         f"step-time ratio fine-tuning / minimal loop     {r['ratio_finetune_over_plain']:.3f}",
+        *(
+            [f"step-time ratio KD / Diff-Tuning (bank)       {r['ratio_kd_over_difftune']:.3f}  (rebuttal, A100: "
+             "2.1 / 1.34 = 1.567)",
+             f"step-time ratio KD / fine-tuning              {r['ratio_kd_over_finetune']:.3f}",
+             f"FLOPs ratio KD / Diff-Tuning (bank)           {r['flops_ratio_kd_over_difftune']:.3f}  (the teacher's "
+             "forward on the retention slots; TFLOP/s and MFU of KD count it)"]
+            if r["ratio_kd_over_difftune"] is not None else [f"KD: not measured: {r['kd_not_measured']}"]
+        ),
         f"planner, one global step of 4096 slots         {r['planner_ms_at_global_batch_4096']:.2f} ms",
     ]  # fmt: skip
     return "\n".join(lines)
