@@ -25,7 +25,7 @@ from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine
 from trainer.host_reads import HostReadLog, host_side
-from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
+from trainer.loss import snr_loss_weights, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
 from trainer.setup import (
@@ -68,7 +68,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         )
     distributed.barrier()
 
-    schedule = NoiseSchedule(family.betas()).to(device)
+    process = family.noise_process.to(device)  # noise levels, noising and the per-sample loss (models/noise/)
     family.place_frozen(device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
     engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
@@ -89,10 +89,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
     )  # fmt: skip
     log = MetricsLogger(run_dir, rank == 0, state.step, cfg.train.steps, cfg.run.progress)
-    stats, preemption = StepStats(device, schedule.num_timesteps), PreemptionFlag()
+    stats, preemption = StepStats(device, process.level_bucket), PreemptionFlag()
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None
     host_reads = HostReadLog(run_dir, rank) if cfg.debug.count_host_reads else None
-    step_fn = StepFunction(cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device)
+    step_fn = StepFunction(cfg, family, engine, optimizer, planner, process, stats, rank, world_size, device)
     boundary = Boundary(cfg, family, engine, optimizer, ema, state, log, stats, preemption, ckpt_root, rank)
     try:
         for step in range(state.step, cfg.train.steps):
@@ -124,9 +124,9 @@ class StepFunction:
     """One global step on this rank's slots: per-slot losses -> weighted backward -> optimizer step.
     Reads nothing back from the device; returns the applied flag (a device tensor)."""
 
-    def __init__(self, cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device):
+    def __init__(self, cfg, family, engine, optimizer, planner, process, stats, rank, world_size, device):
         self.cfg, self.family, self.engine, self.optimizer = cfg, family, engine, optimizer
-        self.schedule, self.stats, self.rank, self.device = schedule, stats, rank, device
+        self.process, self.stats, self.rank, self.device = process, stats, rank, device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.counts = (planner.num_target_slots, planner.num_bank_slots, cfg.method.bank_loss_weight)
         # DeepSpeed averages over ranks and accumulation steps; undoing both gives the global weighted sum.
@@ -139,7 +139,7 @@ class StepFunction:
             batch = host_batch.to(self.device)
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
-            losses = slot_losses(self.family, self.engine, batch, self.schedule, self.dtype, self.cfg.method)
+            losses = slot_losses(self.family, self.engine, batch, self.process, self.dtype, self.cfg.method)
             losses = losses * injected_nan(self.cfg, step, self.rank)
             self.optimizer.note_losses(losses)
             self.engine.backward((losses * weights).sum() * self.loss_scale)
@@ -150,16 +150,15 @@ class StepFunction:
         return applied
 
 
-def slot_losses(
-    family, denoiser, batch: MicroBatch, schedule: NoiseSchedule, dtype: torch.dtype, method: MethodConfig | None = None
-):
-    """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision), its
-    epsilon-MSE re-weighted by method.loss_weighting (all 1 for none)."""
-    x_t = schedule.add_noise(batch.x0, batch.noise, batch.t)
+def slot_losses(family, denoiser, batch: MicroBatch, process, dtype: torch.dtype, method: MethodConfig | None = None):
+    """Per-slot loss of the pre-trained objective, the family's noise process's, on this micro-batch (float32
+    whatever the precision), its regression term re-weighted by method.loss_weighting (all 1 for none)."""
+    x_t = process.add_noise(batch.x0, batch.noise, batch.t)
     condition = family.condition(batch.condition, batch.null_condition)
-    output = family.predict(denoiser, x_t.to(dtype), batch.t, condition)
-    mse_weights = None if method is None else timestep_loss_weights(batch.t, schedule, method)
-    return diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
+    model_input, model_level = process.model_input(x_t, batch.t)  # x_t and t for DDPM; EDM's c_in x_t, c_noise
+    output = family.predict(denoiser, model_input.to(dtype), model_level, condition)
+    mse_weights = None if method is None else snr_loss_weights(process.snr(batch.t), method)
+    return process.loss(output.float(), batch.x0, x_t, batch.noise, batch.t, mse_weights)
 
 
 @dataclass

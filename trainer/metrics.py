@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,8 @@ class StepStats:
     """Sums of one logging interval (losses by source and t-bucket, gradient norm), kept on the device and
     reduced over ranks only when reported; timings on the host."""
 
-    def __init__(self, device: torch.device, num_timesteps: int):
-        self.device, self.num_timesteps = device, num_timesteps
+    def __init__(self, device: torch.device, level_bucket: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.device, self.level_bucket = device, level_bucket  # the noise process's bands of its levels
         self._reset()
 
     def _reset(self) -> None:
@@ -115,7 +116,7 @@ class StepStats:
             [(losses * weights).sum(), target_losses.sum(), (~bank).sum(), bank_losses.sum(), bank.sum()]
         )
         self.sums[:5] += by_source
-        bucket = (t * NUM_T_BUCKETS // self.num_timesteps).to(self.device)
+        bucket = self.level_bucket(t, NUM_T_BUCKETS).to(self.device)
         self.sums[5 : 5 + NUM_T_BUCKETS].index_add_(0, bucket, losses)
         self.sums[5 + NUM_T_BUCKETS :].index_add_(0, bucket, torch.ones_like(losses))
 
