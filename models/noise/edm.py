@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.special import ndtri
+from scipy.special import ndtr, ndtri
 
 # EDM's training settings (Table 1 of the paper, "ours")
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
@@ -30,6 +30,16 @@ class CDFSplit:
     p_mean: float
     p_std: float
     tau: float
+
+    def cdf(self, sigma: np.ndarray) -> np.ndarray:
+        """CDF of the training sigma: Phi((ln sigma - P_mean) / P_std)."""
+        return ndtr((np.log(sigma) - self.p_mean) / self.p_std)
+
+    def psi(self, sigma: np.ndarray) -> np.ndarray:
+        return self.cdf(sigma) ** self.tau
+
+    def xi(self, sigma: np.ndarray) -> np.ndarray:
+        return 1.0 - self.psi(sigma)
 
     def total_weight(self, bank: bool) -> float:
         """Integral of psi (or xi) over the training distribution: 1 / (tau + 1) (or tau / (tau + 1))."""
