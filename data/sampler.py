@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,9 +55,24 @@ def uniform(bits: np.ndarray) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+@runtime_checkable
+class NoiseLevels(Protocol):
+    """How Diff-Tuning shares a noise process's levels between the sources: target slots draw levels with
+    density proportional to p(level) psi(level), bank slots to p(level) xi(level), where p is the process's own
+    training distribution. The planner gives each slot a uniform draw; the process's split maps it (host side,
+    numpy: the plan reads nothing from a device)."""
+
+    def total_weight(self, bank: bool) -> float:
+        """The mass of the source's weighting (0: it is zero everywhere, so the source cannot be drawn)."""
+
+    def levels(self, u: np.ndarray, bank: bool) -> np.ndarray:
+        """The noise levels of slots with uniform draws `u` in [0, 1), for bank or target slots."""
+
+
 @dataclass(frozen=True)
 class TimestepSplit:
-    """How Diff-Tuning shares timesteps between the sources (METHOD.md, Appendix B.2)."""
+    """How Diff-Tuning shares the discrete timesteps of a DDPM process between the sources (METHOD.md,
+    Appendix B.2): a `NoiseLevels` over t = 0..T-1, whose training distribution is uniform."""
 
     num_timesteps: int = 1000
     tau: float = 1.0
@@ -74,6 +91,20 @@ class TimestepSplit:
         else:
             raise ValueError(f"unknown timestep weights {self.weights!r}: use 'complement' or 'mirrored'")
         return _normalised(psi), _normalised(xi)
+
+    @cached_property
+    def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:
+        p_target, p_bank = self.probabilities()
+        return np.cumsum(p_target), np.cumsum(p_bank)
+
+    def total_weight(self, bank: bool) -> float:
+        return float(self._cdfs[bank][-1])
+
+    def levels(self, u: np.ndarray, bank: bool) -> np.ndarray:
+        """Inverse-CDF sampling of the integer timestep (int64)."""
+        cdf = self._cdfs[bank]
+        t = np.searchsorted(cdf, u * cdf[-1], "right")
+        return np.minimum(t, len(cdf) - 1)  # guards the float edge of the last bucket
 
 
 def _normalised(w: np.ndarray) -> np.ndarray:
@@ -95,7 +126,7 @@ class StepPlan:
     slots: np.ndarray  # slot ids of the entries (0..B-1 for a whole plan)
     source: np.ndarray  # TARGET or BANK
     index: np.ndarray  # sample index within its source
-    t: np.ndarray  # diffusion timestep
+    t: np.ndarray  # noise level: the diffusion timestep (int64), or sigma (float64) of a continuous process
     noise_seed: np.ndarray  # seeds the slot's Gaussian noise
     null_condition: np.ndarray  # bank slots always, target slots when their condition is dropped
     flip: np.ndarray  # horizontal flip, used where the sample stores a flipped view (`x_flip`)
@@ -127,7 +158,7 @@ class GlobalBatchPlanner:
         num_target: int,
         num_bank: int,
         bank_ratio: float,
-        split: TimestepSplit,
+        split: NoiseLevels,
         label_dropout: float,
         seed: int,
         bank_rounding: str = "round",
@@ -142,16 +173,15 @@ class GlobalBatchPlanner:
         self.source_sizes = {TARGET: num_target, BANK: num_bank}
         self.label_dropout = label_dropout
         self.seed = seed
-        p_target, p_bank = split.probabilities()
-        self._cdf = {TARGET: np.cumsum(p_target), BANK: np.cumsum(p_bank)}
+        self.split = split
         for source, slots, name in (
             (TARGET, self.num_target_slots, "target"),
             (BANK, self.num_bank_slots, retention_name),
         ):
             if slots and not self.source_sizes[source]:
                 raise ValueError(f"the plan needs {slots} {name} slots per step but the {name} set is empty")
-            if slots and self._cdf[source][-1] == 0:
-                raise ValueError(f"the {name} timestep distribution is zero everywhere (tau={split.tau})")
+            if slots and split.total_weight(source == BANK) == 0:
+                raise ValueError(f"the {name} timestep distribution is zero everywhere ({split})")
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
     def source_sizes_by_name(self) -> dict[str, int]:
@@ -191,11 +221,10 @@ class GlobalBatchPlanner:
         index[is_bank] = self._sample_indices(BANK, step * n_bank + slots[is_bank])
         index[~is_bank] = self._sample_indices(TARGET, step * n_target + slots[~is_bank] - n_bank)
         draws = slot_draws(self.seed, step, slots, 4)
-        t = np.empty(len(slots), dtype=np.int64)
-        for source_id, mask in ((BANK, is_bank), (TARGET, ~is_bank)):
-            cdf = self._cdf[source_id]
-            t[mask] = np.searchsorted(cdf, uniform(draws[mask, _T]) * cdf[-1], "right")
-        t = np.minimum(t, len(self._cdf[TARGET]) - 1)  # guards the float edge of the last bucket
+        u = uniform(draws[:, _T])
+        bank_levels, target_levels = self.split.levels(u[is_bank], True), self.split.levels(u[~is_bank], False)
+        t = np.empty(len(slots), dtype=np.result_type(bank_levels, target_levels))  # int64 t, or float64 sigma
+        t[is_bank], t[~is_bank] = bank_levels, target_levels
         null_condition = is_bank | (uniform(draws[:, _DROPOUT]) < self.label_dropout)
         flip = uniform(draws[:, _FLIP]) < 0.5
         noise_seed = (draws[:, _NOISE] >> np.uint64(1)).astype(np.int64)  # 63 bits: a non-negative torch seed

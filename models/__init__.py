@@ -1,19 +1,42 @@
-"""Model families. Each is one module behind the same small interface (see `models/dit.py`):
-`from_pretrained`, `denoiser`, `sample_shape`, `null_condition`, `betas`, `condition_fields`, `condition`,
-`predict`, `tunable_parameters`, `place_frozen`, `denoiser_from_state_dict`, `sample`, `preview`,
-`export`. The trainer looks families up here.
+"""Model families: each is one module behind the `ModelFamily` Protocol (`models/family.py`), registered here by
+name with the noise process it trains (`models/noise/`). The trainer, the data jobs and the evaluation look
+families up here; adding one is one module and one entry in `FAMILIES`.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    module: str  # imported only when the family is used: diffusers and transformers cost seconds
+    attribute: str
+    noise_process: str  # a key of models.noise.NOISE_PROCESSES: config checks read it without building anything
+
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+
+FAMILIES: dict[str, FamilyEntry] = {
+    "dit": FamilyEntry("models.dit", "DiTFamily", "ddpm"),
+    "dit_edm": FamilyEntry("models.dit_edm", "DiTEDMFamily", "edm"),
+    "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm"),
+}
+
+
+def family_entry(name: str) -> FamilyEntry:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
 
 def family_class(name: str) -> type:
-    if name == "dit":
-        from models.dit import DiTFamily
+    """The class of family `name` (a `models.family.ModelFamily`)."""
+    return family_entry(name).load()
 
-        return DiTFamily
-    if name == "sd_controlnet":
-        from models.sd_controlnet import SDControlNetFamily
 
-        return SDControlNetFamily
-    raise ValueError(f"unknown model family {name!r}; known: dit, sd_controlnet")
+def register_family(name: str, module: str, attribute: str, noise_process: str) -> None:
+    """Adds a family living outside this package (e.g. a user's module) under `name` (model.family=name)."""
+    FAMILIES[name] = FamilyEntry(module, attribute, noise_process)

@@ -11,6 +11,7 @@ import copy
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from models.dit_weights import (
     relabelled,
     stream_into,
 )
+from models.noise.ddpm import DDPMProcess
 
 # DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
 DITPIPELINE_NULL_CLASS = 1000
@@ -141,6 +143,15 @@ class DiTFamily:
     def betas(self) -> np.ndarray:
         return DDPMScheduler.from_config(self.scheduler_config).betas.double().numpy()
 
+    @cached_property
+    def noise_process(self) -> DDPMProcess:
+        """DiT's discrete DDPM process (epsilon and learned variance) over the pre-trained betas."""
+        return DDPMProcess(self.betas())
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """The diffusers scheduler `sample` steps with: DDIM over the pre-trained schedule."""
+        return DDIMScheduler.from_config(self.scheduler_config)
+
     condition_fields = ("label",)  # the shard fields `condition` reads
 
     def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> torch.Tensor:
@@ -197,25 +208,27 @@ class DiTFamily:
         generator: torch.Generator | None = None,
         decode: bool = True,
     ) -> torch.Tensor:
-        """DDIM (eta 0, deterministic) samples for `labels` with classifier-free guidance, starting from
-        `noise` (or noise drawn from `generator`); decoded to pixels if there is a VAE and `decode`.
+        """Deterministic samples (`sampling_scheduler`: DDIM with eta 0 here) for `labels` with classifier-free
+        guidance, starting from `noise` (or noise drawn from `generator`); decoded to pixels if there is a VAE
+        and `decode`.
         Pixel outputs are clamped to [-1, 1]; latents (an original `.pt` DiT's too) are returned as they are."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler = self.sampling_scheduler()
         scheduler.set_timesteps(num_steps)
         device = next(denoiser.parameters()).device
         if noise is None:
             noise = torch.randn((len(labels), *self.sample_shape), generator=generator)
-        x = noise.to(device)
+        x = noise.to(device) * scheduler.init_noise_sigma  # 1 for DDIM; sigma_max-scaled for EDM's schedulers
         labels = labels.to(device)
         null = torch.full_like(labels, self.null_condition)
         channels = self.sample_shape[0]
         for t in scheduler.timesteps:
-            t_batch = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
+            x_in = scheduler.scale_model_input(x, t)  # x itself for DDIM; EDM's c_in x
+            t_batch = t.to(device).expand(len(labels))  # DDIM's integer t, or EDM's c_noise
             if guidance_scale == 1.0:
-                eps = self.predict(denoiser, x, t_batch, labels)[:, :channels]
+                eps = self.predict(denoiser, x_in, t_batch, labels)[:, :channels]
             else:
                 both = self.predict(
-                    denoiser, torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])
+                    denoiser, torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])
                 )
                 cond, uncond = both[:, :channels].chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
@@ -257,10 +270,15 @@ class DiTFamily:
             transformer.save_pretrained(directory / "transformer")
             scheduler.save_pretrained(directory / "scheduler")
         if self.original_timestep_frequencies:
-            config_path = directory / "transformer" / "config.json"
-            config = json.loads(config_path.read_text())
-            config[ORIGINAL_FREQUENCIES_KEY] = True
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+            record_original_frequencies(directory / "transformer")
+
+
+def record_original_frequencies(transformer_folder: Path) -> None:
+    """Marks an exported transformer as computing DiT's own timestep frequencies (this family re-applies them)."""
+    config_path = transformer_folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config[ORIGINAL_FREQUENCIES_KEY] = True
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def share_embedder(transformer: DiTTransformer2DModel) -> DiTTransformer2DModel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMSchedul
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.annotators import synthetic_controls
+from models.noise.ddpm import DDPMProcess
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
 PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
@@ -127,6 +129,11 @@ class SDControlNetFamily:
 
     def betas(self) -> np.ndarray:
         return DDPMScheduler.from_config(self.scheduler_config).betas.double().numpy()
+
+    @cached_property
+    def noise_process(self) -> DDPMProcess:
+        """SD's discrete DDPM process (epsilon prediction) over its scheduler's betas."""
+        return DDPMProcess(self.betas())
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """CLIP token ids, padded and truncated to the tokenizer's length (77 for SD): (N, 77) int64."""

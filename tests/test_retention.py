@@ -50,19 +50,19 @@ def test_kd_loss_equals_a_hand_computation(tiny):
     retention = retention_method(cfg)
     retention.prepare(torch.device("cpu"), torch.float32)
     student = DiTFamily.from_pretrained(str(tiny["pretrained"]), num_classes=NUM_CLASSES)
-    schedule = NoiseSchedule(student.betas())
+    schedule, process = NoiseSchedule(student.betas()), student.noise_process
     batch = micro_batch([BANK, TARGET, BANK, TARGET, TARGET], t=[3, 700, 40, 250, 999])
     kd_rows, target_rows = [0, 2], [1, 3, 4]
 
     # At the start the student is the pre-trained model: on the null condition the two predict the same.
-    at_start = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    at_start = slot_losses(student, student.denoiser, batch, process, torch.float32, cfg.method, retention)
     torch.testing.assert_close(at_start[kd_rows], torch.zeros(2), atol=1e-10, rtol=0)
 
     with torch.no_grad():  # a student that has moved away from the pre-trained weights
         for parameter in student.denoiser.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     with HostReadCounter() as counter:  # which slots distil is known on the host: the step reads nothing back
-        losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+        losses = slot_losses(student, student.denoiser, batch, process, torch.float32, cfg.method, retention)
     assert counter.take()[0] == {}
 
     teacher = DiTFamily.from_pretrained(str(tiny["pretrained"]))  # the released label space: null class 10
@@ -150,11 +150,11 @@ def test_kd_runs_through_the_family_interface_for_a_controlnet(tiny_sd):  # noqa
     batch = load_micro_batch(planner.plan(0), np.arange(4), sources, student.condition_fields)
     kd_rows = np.flatnonzero(batch.ids[:, 1] == BANK)
     assert len(kd_rows) == 2 and batch.null_condition[kd_rows].all()
-    schedule = NoiseSchedule(student.betas())
-    losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    process = student.noise_process
+    losses = slot_losses(student, student.denoiser, batch, process, torch.float32, cfg.method, retention)
     torch.testing.assert_close(losses[kd_rows], torch.zeros(2), atol=1e-10, rtol=0)
     with torch.no_grad():
         for parameter in student.denoiser.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    losses = slot_losses(student, student.denoiser, batch, schedule, torch.float32, cfg.method, retention)
+    losses = slot_losses(student, student.denoiser, batch, process, torch.float32, cfg.method, retention)
     assert (losses[kd_rows] > 0).all() and torch.isfinite(losses).all()

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data.images import parse_background
+from models import FAMILIES, family_entry
+from models.noise import noise_process_class
 from models.tuning import TUNING_METHODS
 from trainer.loss import LOSS_WEIGHTINGS
 from trainer.retention import RETENTION_METHODS, check_retention
@@ -43,6 +45,16 @@ class ModelConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """Settings of a continuous (EDM) noise process (models/noise/edm.py); None: the model folder's, else EDM's.
+    A family that trains the discrete DDPM process refuses them."""
+
+    p_mean: float | None = None  # mean of ln(sigma) of the training sigma (EDM: -1.2)
+    p_std: float | None = None  # its standard deviation (EDM: 1.2)
+    sigma_data: float | None = None  # standard deviation of the data, in the preconditioning (EDM: 0.5)
+
+
+@dataclass
 class DataConfig:
     target: str = ""  # shard directory of the target data
     bank: str | None = None  # shard directory of the memory bank; not needed when method.bank_ratio == 0 or under KD
@@ -62,7 +74,7 @@ class MethodConfig:
     bank_count: str = "round"  # round: round(B*r) (paper) | floor: int(B*r) (released code)
     bank_loss_weight: float = 1.0  # lambda of bank replay
     kd_weight: float = 0.05  # lambda of method.retention=kd (rebuttal: 0.05)
-    tau: float = 1.0  # psi(t) = (t/T)^tau; tau = 0 with bank_ratio = 0 is plain fine-tuning
+    tau: float = 1.0  # psi(t) = (t/T)^tau (continuous: CDF(sigma)^tau); tau = 0 with bank_ratio = 0: fine-tuning
     timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau'
     bank_tau: float = 1.0  # tau' of the mirrored bank distribution
     label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
@@ -212,6 +224,7 @@ class DebugConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -267,7 +280,11 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
 
 def check_config(cfg: Config) -> None:
     """Cross-field rules that need no files and no world size."""
-    _choice(cfg.model.family, ("dit", "sd_controlnet"), "model.family")
+    _choice(cfg.model.family, tuple(FAMILIES), "model.family")
+    try:  # the family's noise process says which method and noise settings apply to its levels
+        noise_process_class(family_entry(cfg.model.family).noise_process).check_settings(cfg.method, cfg.noise)
+    except ValueError as err:
+        raise ConfigError(f"model.family={cfg.model.family}: {err}") from None
     _choice(cfg.model.control, ("canny", "sketch", "depth", "normal", "seg"), "model.control")
     _choice(cfg.model.class_init, ("reuse", "fresh"), "model.class_init")
     _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
@@ -329,7 +346,7 @@ def plan_settings(cfg: Config) -> dict:
         "train.global_batch_size": cfg.train.global_batch_size, "train.seed": cfg.train.seed,
         "method.bank_ratio": m.bank_ratio, "method.bank_count": m.bank_count, "method.tau": m.tau,
         "method.timestep_weights": m.timestep_weights, "method.bank_tau": m.bank_tau,
-        "method.label_dropout": m.label_dropout,
+        "method.label_dropout": m.label_dropout, "noise.p_mean": cfg.noise.p_mean, "noise.p_std": cfg.noise.p_std,
     }  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine
 from trainer.host_reads import HostReadLog, host_side
-from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
+from trainer.loss import snr_loss_weights, source_weights
 from trainer.metrics import MetricsLogger, StepStats
 from trainer.preemption import Preempted, PreemptionFlag
 from trainer.retention import Retention, retention_method
@@ -70,7 +70,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         )
     distributed.barrier()
 
-    schedule = NoiseSchedule(family.betas()).to(device)
+    process = family.noise_process.to(device)  # noise levels, noising and the per-sample loss (models/noise/)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     family.place_frozen(device, dtype)
     retention.prepare(device, dtype)  # KD: the frozen teacher, outside DeepSpeed, in the training precision
@@ -93,12 +93,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, pin_memory=device.type == "cuda",
     )  # fmt: skip
     log = MetricsLogger(run_dir, rank == 0, state.step, cfg.train.steps, cfg.run.progress)
-    stats, preemption = StepStats(device, schedule.num_timesteps, retention.name), PreemptionFlag()
+    stats, preemption = StepStats(device, process.level_bucket, retention.name), PreemptionFlag()
     ledger = open_ledger(run_dir, rank) if cfg.debug.sample_ledger else None
     host_reads = HostReadLog(run_dir, rank) if cfg.debug.count_host_reads else None
-    step_fn = StepFunction(
-        cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device, retention
-    )
+    step_fn = StepFunction(cfg, family, engine, optimizer, planner, process, retention, stats)
     boundary = Boundary(cfg, family, engine, optimizer, ema, state, log, stats, preemption, ckpt_root, rank)
     try:
         for step in range(state.step, cfg.train.steps):
@@ -130,15 +128,15 @@ class StepFunction:
     """One global step on this rank's slots: per-slot losses -> weighted backward -> optimizer step.
     Reads nothing back from the device; returns the applied flag (a device tensor)."""
 
-    def __init__(self, cfg, family, engine, optimizer, planner, schedule, stats, rank, world_size, device, retention):
+    def __init__(self, cfg, family, engine, optimizer, planner, process, retention, stats):
         self.cfg, self.family, self.engine, self.optimizer = cfg, family, engine, optimizer
-        self.schedule, self.stats, self.rank, self.device = schedule, stats, rank, device
-        self.retention = retention
+        self.process, self.retention, self.stats = process, retention, stats
+        self.rank, self.device = engine.global_rank, engine.device
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         # Retention slots (the plan's bank slots: bank samples or KD slots) weigh retention.loss_weight in all.
         self.counts = (planner.num_target_slots, planner.num_bank_slots, retention.loss_weight)
         # DeepSpeed averages over ranks and accumulation steps; undoing both gives the global weighted sum.
-        self.loss_scale = world_size * gradient_accumulation_steps(cfg, world_size)
+        self.loss_scale = engine.world_size * gradient_accumulation_steps(cfg, engine.world_size)
 
     def __call__(self, step: int, micro_batches: list[MicroBatch]) -> torch.Tensor:
         self.optimizer.begin_step()
@@ -148,7 +146,7 @@ class StepFunction:
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
             losses = slot_losses(
-                self.family, self.engine, batch, self.schedule, self.dtype, self.cfg.method, self.retention
+                self.family, self.engine, batch, self.process, self.dtype, self.cfg.method, self.retention
             )
             losses = losses * injected_nan(self.cfg, step, self.rank)
             self.optimizer.note_losses(losses)
@@ -164,20 +162,21 @@ def slot_losses(
     family,
     denoiser,
     batch: MicroBatch,
-    schedule: NoiseSchedule,
+    process,
     dtype: torch.dtype,
     method: MethodConfig | None = None,
     retention: Retention | None = None,
 ):
-    """Per-slot loss of the pre-trained objective on this micro-batch (float32 whatever the precision), its
-    epsilon-MSE re-weighted by method.loss_weighting (all 1 for none); the retention method puts its own loss in
-    its slots' places (bank replay keeps the objective)."""
-    x_t = schedule.add_noise(batch.x0, batch.noise, batch.t)
+    """Per-slot loss of the pre-trained objective, the family's noise process's, on this micro-batch (float32
+    whatever the precision), its regression term re-weighted by method.loss_weighting (all 1 for none); the
+    retention method puts its own loss in its slots' places (bank replay keeps the objective)."""
+    x_t = process.add_noise(batch.x0, batch.noise, batch.t)
     condition = family.condition(batch.condition, batch.null_condition)
-    output = family.predict(denoiser, x_t.to(dtype), batch.t, condition)
-    mse_weights = None if method is None else timestep_loss_weights(batch.t, schedule, method)
-    losses = diffusion_loss(output.float(), batch.x0, x_t, batch.noise, batch.t, schedule, mse_weights)
-    return losses if retention is None else retention.slot_losses(losses, output, x_t, batch)
+    model_input, model_level = process.model_input(x_t, batch.t)  # x_t and t for DDPM; EDM's c_in x_t, c_noise
+    output = family.predict(denoiser, model_input.to(dtype), model_level, condition)
+    mse_weights = None if method is None else snr_loss_weights(process.snr(batch.t), method)
+    losses = process.loss(output.float(), batch.x0, x_t, batch.noise, batch.t, mse_weights)
+    return losses if retention is None else retention.slot_losses(losses, output, model_input, model_level, batch)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,11 @@ class StepStats:
     reduced over ranks only when reported; timings on the host. The retention slots' mean loss is logged as
     `loss/<retention_name>` (loss/bank, loss/kd)."""
 
-    def __init__(self, device: torch.device, num_timesteps: int, retention_name: str = "bank"):
-        self.device, self.num_timesteps, self.retention_name = device, num_timesteps, retention_name
+    def __init__(
+        self, device: torch.device, level_bucket: Callable[[torch.Tensor, int], torch.Tensor], retention_name: str
+    ):
+        self.device, self.level_bucket = device, level_bucket  # the noise process's bands of its levels
+        self.retention_name = retention_name
         self._reset()
 
     def _reset(self) -> None:
@@ -116,7 +120,7 @@ class StepStats:
             [(losses * weights).sum(), target_losses.sum(), (~bank).sum(), bank_losses.sum(), bank.sum()]
         )
         self.sums[:5] += by_source
-        bucket = (t * NUM_T_BUCKETS // self.num_timesteps).to(self.device)
+        bucket = self.level_bucket(t, NUM_T_BUCKETS).to(self.device)
         self.sums[5 : 5 + NUM_T_BUCKETS].index_add_(0, bucket, losses)
         self.sums[5 + NUM_T_BUCKETS :].index_add_(0, bucket, torch.ones_like(losses))
 

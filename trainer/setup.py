@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from data.formats import open_shard_set
-from data.sampler import TARGET, GlobalBatchPlanner, TimestepSplit
+from data.sampler import TARGET, GlobalBatchPlanner
 from data.shards import ShardDataset
-from models import family_class
+from models import family_class, family_entry
 from models.dit_weights import copy_into_parameter
 from models.tuning import TuningMethod, describe, tuning_method
 from trainer.config import Config, ConfigError, gradient_accumulation_steps, plan_settings, to_yaml
@@ -38,11 +38,12 @@ def load_family(cfg: Config, num_classes: int | None = None, *, training: bool =
         build_context, load_parameter = (
             zero3_build(cfg) if training and cfg.train.zero_stage == 3 else (nullcontext, copy_into_parameter)
         )
+        continuous = {"noise": cfg.noise} if family_entry(m.family).noise_process != "ddpm" else {}
         family = family_class(m.family).from_pretrained(
             m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
             class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
             clip_sample=m.clip_sample, original_timestep_frequencies=m.original_timestep_frequencies,
-            build_context=build_context, load_parameter=load_parameter,
+            build_context=build_context, load_parameter=load_parameter, **continuous,
         )  # fmt: skip
     if training and cfg.train.activation_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
@@ -94,7 +95,7 @@ def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> Glob
         global_batch_size=cfg.train.global_batch_size, num_target=len(sources[TARGET]),
         num_bank=len(sources[RETENTION]) if RETENTION in sources else 0, bank_ratio=cfg.method.bank_ratio,
         bank_rounding=cfg.method.bank_count, label_dropout=cfg.method.label_dropout, seed=cfg.train.seed,
-        split=TimestepSplit(len(family.betas()), cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
+        split=family.noise_process.split(cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
         retention_name=cfg.method.retention,
     )  # fmt: skip
 

@@ -40,10 +40,16 @@ class Retention(Protocol):
         set up the model)."""
 
     def slot_losses(
-        self, objective: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor, batch: MicroBatch
+        self,
+        objective: torch.Tensor,
+        output: torch.Tensor,
+        model_input: torch.Tensor,
+        model_level: torch.Tensor,
+        batch: MicroBatch,
     ) -> torch.Tensor:
         """Per-slot losses of the micro-batch: `objective` (the pre-trained objective of every slot, float32) with
-        this method's own loss in the retention slots' places. `output` is the student's prediction on `x_t`.
+        this method's own loss in the retention slots' places. `output` is the student's prediction on
+        the network input `model_input` at `model_level` (the noise process's: x_t and t for DDPM).
         Device arithmetic only: which slots are retention slots is read from the host-side `batch.ids`."""
 
 

@@ -35,5 +35,5 @@ class BankReplay:
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         pass  # the bank is data: nothing to build
 
-    def slot_losses(self, objective: torch.Tensor, output, x_t, batch) -> torch.Tensor:
+    def slot_losses(self, objective: torch.Tensor, output, model_input, model_level, batch) -> torch.Tensor:
         return objective  # bank samples train with the pre-trained objective, as the target samples do

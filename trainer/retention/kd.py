@@ -92,7 +92,8 @@ class Distillation:
         teacher.denoiser.to(device, dtype).eval().requires_grad_(False)
         self.teacher, self.dtype = teacher, dtype
 
-    def slot_losses(self, objective: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor, batch) -> torch.Tensor:
+    def slot_losses(self, objective, output, model_input, model_level, batch) -> torch.Tensor:
+        """The teacher predicts on the student's own network input (the noise process's, e.g. EDM's c_in x_t)."""
         rows = np.flatnonzero(batch.ids[:, 1] == RETENTION)  # host-side ids: no device read
         if not len(rows):
             return objective
@@ -104,6 +105,7 @@ class Distillation:
         null = torch.ones(len(rows), dtype=torch.bool)  # on the host, like the plan's mask
         with torch.no_grad():
             condition = self.teacher.condition({k: pick(v) for k, v in batch.condition.items()}, null)
-            predicted = self.teacher.predict(self.teacher.denoiser, pick(x_t).to(self.dtype), pick(batch.t), condition)
+            inputs = pick(model_input).to(self.dtype)
+            predicted = self.teacher.predict(self.teacher.denoiser, inputs, pick(model_level), condition)
         kd = distillation_loss(pick(output).float(), predicted.float(), batch.x0.shape[1])
         return objective.index_copy(0, index, kd)

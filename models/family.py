@@ -1,0 +1,82 @@
+"""What the trainer, the data jobs and the evaluation need from a model family: one typed Protocol.
+
+A family is one module behind this interface (`models/dit.py`, `models/dit_edm.py`, `models/sd_controlnet.py`),
+registered by name in `models/__init__.py`. Its denoiser is the module that trains (DeepSpeed wraps it); the parts
+that do not train (VAE, frozen UNet, text encoder) stay plain attributes of the family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from models.noise import NoiseProcess
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    name: str
+    condition_fields: tuple[str, ...]  # the shard fields `condition` reads
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, **settings: Any) -> ModelFamily:
+        """Builds the family from a local folder (never a download); raises FileNotFoundError naming the key."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module that trains."""
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a sample in the model's space (latents or pixels): the shards' field 'x'."""
+
+    @property
+    def null_condition(self) -> Any:
+        """The condition of bank and dropped slots (DiT: the null class id; SD: the default prompt's tokens)."""
+
+    @property
+    def noise_process(self) -> NoiseProcess:
+        """How the model is noised and trained (`models/noise/`); Diff-Tuning's split lives on its levels."""
+
+    def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> Any:
+        """What `predict` takes, from the slots' condition fields; the null condition where the mask is set."""
+
+    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> torch.Tensor:
+        """The network's raw output at the process's model input (`noise_process.model_input`)."""
+
+    def tunable_parameters(self, denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer sees (those with requires_grad, after a PEFT method froze the rest)."""
+
+    def place_frozen(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Moves the parts that do not train to the training device, in the training precision."""
+
+    def compile_blocks(self, **options: Any) -> None:
+        """torch.compile the denoiser's blocks in place (the state dict keeps its names)."""
+
+    def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A plain copy of the denoiser holding other weights (EMA, gathered raw weights)."""
+
+    def sample(self, denoiser: torch.nn.Module, *conditions: Any, **options: Any) -> torch.Tensor:
+        """Samples for the given conditions (the bank's generator, the evaluation's sampler)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space samples to pixels in [-1, 1] (families with a VAE)."""
+
+    def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
+        """A fixed set of samples for the grids logged during training."""
+
+    def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
+        """Writes a folder that the family's library loads (diffusers) and `from_pretrained` loads back."""
+
+
+def missing_members(family: type | object) -> list[str]:
+    """The members of `ModelFamily` that a family class (or instance) lacks: [] for a complete family."""
+    return sorted(name for name in family_members() if not hasattr(family, name))
+
+
+def family_members() -> list[str]:
+    """The names a family must have: the Protocol's methods, properties and attributes."""
+    names = set(ModelFamily.__annotations__) | {name for name in vars(ModelFamily) if not name.startswith("_")}
+    return sorted(names)
