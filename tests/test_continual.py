@@ -1,0 +1,176 @@
+"""Continual multi-stage transfer: composed banks, the stages file, and the driver run as users run it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.batch import load_micro_batch
+from data.composed import Part, keep_subset, read_composed, resolve_parts, write_composed
+from data.formats import open_shard_set
+from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, slot_ids
+from data.shards import ShardError, shard_name, write_manifest, write_shard
+from models.dit import DiTFamily
+from models.feature_net import FeatureNet, save_feature_net
+from tests.conftest import assert_ok, run_entry
+from tests.tiny import make_shards
+from trainer.config import ConfigError
+from trainer.continual import sample_class
+from trainer.stages import load_stages
+
+
+def named_shards(folder: Path, num_samples: int, names: list[str], seed: int, per_shard: int = 8) -> Path:
+    """Random 3x8x8 samples whose classes are `names` (a stage's data: its own ids 0..len-1)."""
+    rng = np.random.default_rng(seed)
+    fields, records = {"x": "npy", "label": "cls"}, []
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, first in enumerate(range(0, num_samples, per_shard)):
+        samples = [
+            {"x": rng.standard_normal((3, 8, 8)).astype(np.float32).clip(-1, 1), "label": int(rng.integers(len(names)))}
+            for _ in range(first, min(first + per_shard, num_samples))
+        ]
+        records.append(write_shard(folder / shard_name(shard), samples, fields, first))
+    write_manifest(folder, records, fields, {"classes": names})
+    return folder
+
+
+# --- composed banks -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("banks")
+    return {
+        "old": make_shards(root / "old", 64, num_classes=10, per_shard=16, seed=3),
+        "new": make_shards(root / "new", 26, num_classes=10, per_shard=10, seed=4),
+        "root": root,
+    }
+
+
+def test_composed_bank_is_exact_reproducible_and_serves_the_parts_samples(banks):
+    kept = keep_subset(64, round(64 * 0.6), (0, 2))
+    assert len(kept) == 38 == len(set(kept)) and kept == sorted(kept) and kept == keep_subset(64, 38, (0, 2))
+    assert kept != keep_subset(64, 38, (1, 2))
+    lineage = {"model": "stage_01/model/ema", "model_stage": 1, "bank_stage": 2}
+    parts = resolve_parts(banks["old"], kept, {"model": "initial", "model_stage": 0}) + [
+        Part(str(banks["new"]), list(range(26)), lineage)
+    ]
+    write_composed(banks["root"] / "bank2", parts, {"stage": 2})
+    bank = open_shard_set(banks["root"] / "bank2")
+    old, new = open_shard_set(banks["old"]), open_shard_set(banks["new"])
+    assert len(bank) == 64 and bank.manifest.parts[0].indices == kept
+    for i in range(64):
+        expected = old[kept[i]] if i < 38 else new[i - 38]
+        served = bank.read(i, ("x", "label"))
+        assert np.array_equal(served["x"], expected["x"]) and served["label"] == expected["label"]
+    assert bank.lineage(0)["model_stage"] == 0 and bank.lineage(63) == lineage
+    # Composing from a composed bank looks through it: parts stay over plain shard sets, lineage intact.
+    again = resolve_parts(banks["root"] / "bank2", [1, 40, 37, 63])
+    assert [(Path(p.path).name, p.indices) for p in again] == [("old", [kept[1], kept[37]]), ("new", [2, 25])]
+    assert again[1].lineage == lineage
+
+
+def test_label_map_and_a_rewritten_part_is_refused(banks, tmp_path):
+    part = make_shards(tmp_path / "part", 8, num_classes=2, per_shard=8, seed=5)
+    write_composed(tmp_path / "view", [Part(str(part), list(range(8)), {}, [5, 7])], {"classes": list("abcdefgh")})
+    view, plain = open_shard_set(tmp_path / "view"), open_shard_set(part)
+    assert [view[i]["label"] for i in range(8)] == [[5, 7][plain[i]["label"]] for i in range(8)]
+    make_shards(tmp_path / "part", 8, num_classes=2, per_shard=4, seed=6)  # rewritten after composition
+    with pytest.raises(ShardError, match="rewritten after the set was composed"):
+        open_shard_set(tmp_path / "view")
+    with pytest.raises(ShardError, match="indices"):
+        write_composed(tmp_path / "bad", [Part(str(part), [0, 8], {})])
+
+
+def test_every_steps_plan_over_a_composed_bank_is_the_same_on_one_and_two_ranks(banks, tiny):
+    kept = resolve_parts(banks["old"], keep_subset(64, 38, (0, 2)))
+    write_composed(banks["root"] / "planned", kept + [Part(str(banks["new"]), list(range(26)), {})])
+    bank = open_shard_set(banks["root"] / "planned")
+    sources = {TARGET: open_shard_set(tiny["target"]), BANK: bank}
+    planner = GlobalBatchPlanner(
+        global_batch_size=8, num_target=len(sources[TARGET]), num_bank=len(bank), bank_ratio=0.5,
+        bank_rounding="round", label_dropout=0.1, seed=0, split=TimestepSplit(1000, 1.0, "complement", 1.0),
+    )  # fmt: skip
+    for step in range(3):
+        plan = planner.plan(step)
+        whole = load_micro_batch(plan, slot_ids(rank=0, micro_step=0, world_size=1, accumulation_steps=1,
+                                                micro_batch_size=8), sources)  # fmt: skip
+        by_slot = {int(s): i for i, s in enumerate(whole.ids[:, 0])}
+        for rank in range(2):
+            slots = slot_ids(rank=rank, micro_step=0, world_size=2, accumulation_steps=1, micro_batch_size=4)
+            part = load_micro_batch(plan, slots, sources)
+            rows = [by_slot[int(s)] for s in part.ids[:, 0]]
+            assert np.array_equal(part.ids, whole.ids[rows]) and torch.equal(part.x0, whole.x0[rows])
+            assert torch.equal(part.noise, whole.noise[rows])
+
+
+# --- the stages file ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain(tiny, tmp_path_factory) -> dict:
+    """Three stages of tiny data: classes a, b; then b, c (one new); then d, e (two new), with held-out sets."""
+    root = tmp_path_factory.mktemp("chain")
+    torch.manual_seed(0)
+    save_feature_net(FeatureNet(num_features=16, width=8), root / "feature_net.pt")
+    names = [["a", "b"], ["b", "c"], ["d", "e"]]
+    stages = []
+    for k, classes in enumerate(names):
+        target = named_shards(root / f"target{k}", 16, classes, seed=10 + k)
+        held_out = named_shards(root / f"eval{k}", 8, classes, seed=20 + k)
+        stages.append({"target": str(target), "steps": 4, "eval_data": str(held_out)})
+    document = {
+        "pretrained": str(tiny["pretrained"]), "config": "tiny_cpu", "mode": "evolving",
+        "overrides": ["run.ckpt_every=2", "run.log_every=2", "bank.num_steps=3", "bank.batch_size=4",
+                      "bank.samples_per_shard=4", "bank.preview=0", f"eval.feature_net={root / 'feature_net.pt'}",
+                      "eval.num_samples=8", "eval.samples_per_shard=4", "eval.batch_size=4", "eval.sample_steps=3",
+                      "eval.kid_subsets=2", "eval.grid_images=0"],
+        "bank": {"size": 10, "keep": 0.6, "seed": 0},
+        "stages": stages,
+    }  # fmt: skip
+    path = root / "stages.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return {"root": root, "path": path, "document": document}
+
+
+def write_stages(chain: dict, path: Path, **changes) -> Path:
+    document = json.loads(json.dumps(chain["document"]))
+    for key, value in changes.items():
+        place, *rest = key.split("__")
+        if rest:
+            document["stages"][int(rest[0])][place] = value
+        elif place in ("size", "keep"):
+            document["bank"][place] = value
+        else:
+            document[place] = value
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"target__1": ""}, r"stages\[1\].target is not set"),
+        ({"keep": 1.5}, r"bank.keep=1.5 must lie in \[0, 1\]"),
+        ({"keep": -0.1}, r"bank.keep=-0.1 must lie in \[0, 1\]"),
+        ({"mode": "replay"}, r"mode='replay' is not one of"),
+        ({"steps__0": 0}, r"stages\[0\].steps=0 must be at least 1"),
+        ({"overrides__2": ["train.stepz=3"]}, r"stages\[2\].*train.stepz"),
+    ],
+)
+def test_bad_stages_stop_before_any_work_naming_the_key(chain, tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_stages(str(write_stages(chain, tmp_path / "s.yaml", run_dir=str(tmp_path / "run"), **changes)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_keys_and_data_that_does_not_fit_the_model_are_refused(chain, tmp_path):
+    with pytest.raises(ConfigError, match="stages file key 'bank.kep'"):
+        load_stages(str(chain["path"]), ["bank.kep=0.5"])
+    wrong = make_shards(tmp_path / "wide", 4, shape=(3, 16, 16), num_classes=2, per_shard=4)
+    with pytest.raises(ConfigError, match=r"stages\[1\].target=.*shape \(3, 16, 16\) but the model samples \(3, 8, 8\)"):
+        load_stages(str(write_stages(chain, tmp_path / "s.yaml", target__1=str(wrong))))
