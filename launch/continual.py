@@ -25,11 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow-stages-change", action="store_true", help="continue a run in progress with a changed stages file"
     )
+    parser.add_argument("--until-stage", type=int, default=0, help="stop after this stage (1-based; 0: all)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the stages file, e.g. mode=finetune")
     args = parser.parse_args(argv)
     return run_guarded(
-        lambda: run_continual(load_stages(args.stages, args.overrides), allow_stages_change=args.allow_stages_change)
+        lambda: run_continual(
+            load_stages(args.stages, args.overrides),
+            allow_stages_change=args.allow_stages_change,
+            until_stage=args.until_stage,
+        )
     )
 
 

@@ -13,14 +13,14 @@ from data.batch import load_micro_batch
 from data.composed import Part, keep_subset, read_composed, resolve_parts, write_composed
 from data.formats import open_shard_set
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, slot_ids
-from data.shards import ShardError, shard_name, write_manifest, write_shard
+from data.shards import ShardError, read_manifest, shard_name, write_manifest, write_shard
 from models.dit import DiTFamily
 from models.feature_net import FeatureNet, save_feature_net
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_shards
 from trainer.config import ConfigError
-from trainer.continual import sample_class
-from trainer.stages import load_stages
+from trainer.continual import check_run_in_progress, sample_class
+from trainer.stages import fingerprint, load_stages
 
 
 def named_shards(folder: Path, num_samples: int, names: list[str], seed: int, per_shard: int = 8) -> Path:
@@ -121,13 +121,13 @@ def chain(tiny, tmp_path_factory) -> dict:
     stages = []
     for k, classes in enumerate(names):
         target = named_shards(root / f"target{k}", 16, classes, seed=10 + k)
-        held_out = named_shards(root / f"eval{k}", 8, classes, seed=20 + k)
+        held_out = named_shards(root / f"eval{k}", 48, classes, seed=20 + k, per_shard=24)
         stages.append({"target": str(target), "steps": 4, "eval_data": str(held_out)})
     document = {
         "pretrained": str(tiny["pretrained"]), "config": "tiny_cpu", "mode": "evolving",
         "overrides": ["run.ckpt_every=2", "run.log_every=2", "bank.num_steps=3", "bank.batch_size=4",
                       "bank.samples_per_shard=4", "bank.preview=0", f"eval.feature_net={root / 'feature_net.pt'}",
-                      "eval.num_samples=8", "eval.samples_per_shard=4", "eval.batch_size=4", "eval.sample_steps=3",
+                      "eval.num_samples=48", "eval.samples_per_shard=24", "eval.batch_size=4", "eval.sample_steps=3",
                       "eval.kid_subsets=2", "eval.grid_images=0"],
         "bank": {"size": 10, "keep": 0.6, "seed": 0},
         "stages": stages,
@@ -172,5 +172,116 @@ def test_unknown_keys_and_data_that_does_not_fit_the_model_are_refused(chain, tm
     with pytest.raises(ConfigError, match="stages file key 'bank.kep'"):
         load_stages(str(chain["path"]), ["bank.kep=0.5"])
     wrong = make_shards(tmp_path / "wide", 4, shape=(3, 16, 16), num_classes=2, per_shard=4)
-    with pytest.raises(ConfigError, match=r"stages\[1\].target=.*shape \(3, 16, 16\) but the model samples \(3, 8, 8\)"):
+    with pytest.raises(ConfigError, match=r"stages\[1\].target=.*shape \(3, 16, 16\) but the model samples \(3, 8"):
         load_stages(str(write_stages(chain, tmp_path / "s.yaml", target__1=str(wrong))))
+
+
+def test_a_changed_stages_file_is_refused_under_a_run_in_progress(chain, tmp_path):
+    stages = load_stages(str(chain["path"]), [f"run_dir={tmp_path}"])
+    (tmp_path / "stages.yaml.sha256").write_text(fingerprint(stages))
+    check_run_in_progress(tmp_path, stages, allow_change=False)  # the same file: continues
+    debug = load_stages(str(chain["path"]), [f"run_dir={tmp_path}", "stages.0.overrides=[debug.crash_rank=0]"])
+    check_run_in_progress(tmp_path, debug, allow_change=False)  # fault injection is not a change
+    changed = load_stages(str(chain["path"]), [f"run_dir={tmp_path}", "bank.keep=0.5"])
+    with pytest.raises(ConfigError, match="the stages file differs .* --allow-stages-change"):
+        check_run_in_progress(tmp_path, changed, allow_change=False)
+    check_run_in_progress(tmp_path, changed, allow_change=True)
+
+
+# --- the driver, launched as users launch it --------------------------------------------------------------------
+
+
+def launch(chain: dict, run_dir: Path, num_procs: int, *overrides: str):
+    return run_entry("continual.py", ["--stages", str(chain["path"]), f"run_dir={run_dir}", *overrides], num_procs)
+
+
+@pytest.fixture(scope="module")
+def evolving(chain) -> Path:
+    """One 3-stage evolving-bank run on 2 ranks, shared by the assertions below."""
+    run_dir = chain["root"] / "evolving"
+    assert_ok(launch(chain, run_dir, 2))
+    return run_dir
+
+
+def test_every_stage_leaves_its_artefacts_and_a_row(evolving):
+    rows = json.loads((evolving / "results.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == [1, 2, 3] and [row["num_classes"] for row in rows] == [2, 3, 5]
+    assert [row["num_eval_images"] for row in rows] == [48, 96, 144]  # the held-out data accumulates
+    assert all(np.isfinite(row["fid"]) for row in rows)
+    for k in (1, 2, 3):
+        stage = evolving / f"stage_{k:02d}"
+        assert (stage / "done.json").is_file() and (stage / "train" / "checkpoints" / "latest").is_file()
+        assert (stage / "train" / "export" / "ema" / "transformer").is_dir()
+        assert (stage / "eval" / "results.json").is_file()
+        assert [r["step"] for r in read_steps(stage)][-1] == 4
+
+
+def read_steps(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_bank_keeps_a_seeded_share_and_records_each_samples_lineage(evolving):
+    first, third = read_composed(evolving / "stage_01" / "bank"), read_composed(evolving / "stage_03" / "bank")
+    assert [p.lineage["model_stage"] for p in first.parts] == [0] and first.num_samples == 10
+    kept = resolve_parts(evolving / "stage_02" / "bank", keep_subset(10, 6, (0, 3)))
+    assert [(p.path, p.indices) for p in third.parts[:-1]] == [(p.path, p.indices) for p in kept]
+    assert third.parts[-1].lineage["model"] == str((evolving / "stage_02" / "model" / "ema").resolve())
+    assert third.parts[-1].indices == [0, 1, 2, 3] and third.meta["num_kept"] == 6
+    assert {p.lineage["bank_stage"] for p in third.parts} <= {1, 2, 3}
+
+
+def test_the_class_table_grows_and_an_earlier_class_still_samples(evolving):
+    first = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"))
+    grown = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"), num_classes=3, class_init="grow")
+    assert first.null_condition == 2 and grown.null_condition == 3
+    key = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
+    old, new = first.denoiser.state_dict()[key], grown.denoiser.state_dict()[key]
+    assert torch.equal(new[:2], old[:2]) and torch.equal(new[3], old[2])  # earlier rows and the null row kept
+    last = DiTFamily.from_pretrained(str(evolving / "stage_03" / "model" / "ema"))
+    assert last.null_condition == 5
+    sample = sample_class(evolving / "stage_03" / "model" / "ema", label=0)  # class "a", from stage 1
+    assert sample.shape == (1, 3, 8, 8) and torch.isfinite(sample).all()
+
+
+def test_a_run_killed_in_stage_2s_training_resumes_to_the_same_weights(chain, evolving):
+    """On 1 rank (the 2-rank run above is the uninterrupted reference: the same plan, so the same weights up to
+    the order of the gradient sum, and the same bank to the byte)."""
+    document = json.loads(json.dumps(chain["document"]))
+    document["stages"] = [{**stage, "eval_data": None} for stage in document["stages"][:2]]
+    document["stages"][1]["overrides"] = ["debug.crash_in_save_step=4", "debug.crash_rank=0"]  # the last save
+    run_dir = chain["root"] / "killed"
+    path = chain["root"] / "killed.yaml"
+    path.write_text(json.dumps(document))
+    crashed = run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"])
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert (run_dir / "stage_01" / "done.json").is_file() and not (run_dir / "stage_02" / "done.json").exists()
+    assert (run_dir / "stage_02" / "train" / "checkpoints" / "latest").read_text() == "step_00000002"
+    document["stages"][1]["overrides"] = []  # debug.* is not a change of the stages file
+    path.write_text(json.dumps(document))
+    assert_ok(run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"]))
+    reference = evolving / "stage_02"
+    assert shard_hashes(run_dir / "stage_02" / "bank_new") == shard_hashes(reference / "bank_new")
+    assert [p.indices for p in read_composed(run_dir / "stage_02" / "bank").parts] == [
+        p.indices for p in read_composed(reference / "bank").parts
+    ]
+    for which in ("raw", "ema"):
+        resumed = DiTFamily.from_pretrained(str(run_dir / "stage_02" / "model" / which)).denoiser.state_dict()
+        expected = DiTFamily.from_pretrained(str(reference / "model" / which)).denoiser.state_dict()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def shard_hashes(directory: Path) -> list[str]:
+    return [record.sha256 for record in read_manifest(directory).shards]
+
+
+def test_slurm_template_runs_the_chain_and_requeues_a_preempted_one():
+    from tests.test_slurm import dry_run
+
+    out = dry_run("launch/slurm/continual.sbatch", "run_dir=/runs/c", "--until-stage", "2", STAGES="s.yaml")
+    assert "--ntasks-per-node=4 python launch/continual.py --stages s.yaml run_dir=/runs/c --until-stage 2" in out
+    for status in ("75", "138"):  # preempted in training / killed by USR1 outside it: both resume by rerunning
+        requeued = dry_run("launch/slurm/continual.sbatch", STAGES="s.yaml", DRY_RUN_STATUS=status)
+        assert "scontrol requeue 4242" in requeued
+    failed = dry_run("launch/slurm/continual.sbatch", STAGES="s.yaml", expect=2, DRY_RUN_STATUS="2")
+    assert "scontrol requeue" not in failed

@@ -33,8 +33,9 @@ from trainer.stages import StagesFile, fingerprint, stage_config, to_yaml
 DONE, TABLE, RECORD = "done.json", "results.json", "stages.yaml"
 
 
-def run_continual(stages: StagesFile, *, allow_stages_change: bool = False) -> Path:
-    """Runs (or continues) every stage of `stages` in stages.run_dir; returns the run directory."""
+def run_continual(stages: StagesFile, *, allow_stages_change: bool = False, until_stage: int = 0) -> Path:
+    """Runs (or continues) the stages of `stages` in stages.run_dir, up to stage `until_stage` (1-based; 0: all:
+    one SLURM job per stage); returns the run directory."""
     rank, world, device = distributed.init()
     run_dir = Path(stages.run_dir)
     check_run_in_progress(run_dir, stages, allow_stages_change)  # every rank reads the same files: all stop alike
@@ -46,7 +47,7 @@ def run_continual(stages: StagesFile, *, allow_stages_change: bool = False) -> P
     distributed.barrier()
     classes: list[str] = []
     previous: Path | None = None
-    for number, stage in enumerate(stages.stages):
+    for number, stage in enumerate(stages.stages[: until_stage or None]):
         folder = run_dir / f"stage_{number + 1:02d}"
         for name in class_names(stage.target):
             if name not in classes:

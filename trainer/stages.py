@@ -10,8 +10,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ConfigTypeError, ValidationError
 
 from data.formats import open_shard_set
 from data.shards import ShardError
@@ -61,8 +62,12 @@ def load_stages(path: str | None, overrides: list[str] = ()) -> StagesFile:
                     f"--stages {path}: no such file; give a stages YAML, e.g. configs/continual_tiny.yaml"
                 )
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except (ConfigKeyError, ValidationError) as err:
+        for override in overrides:  # one at a time: `stages.1.steps=8` indexes into the list of stages
+            key, separator, value = override.partition("=")
+            if not separator:
+                raise ConfigError(f"override {override!r} is not key=value, e.g. mode=finetune or stages.0.steps=8")
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+    except (ConfigAttributeError, ConfigKeyError, ValidationError, ConfigTypeError, IndexError) as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
             f"stages file key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}. "
