@@ -1,6 +1,6 @@
 """Continual multi-stage transfer in one launch: `deepspeed launch/continual.py --stages stages.yaml [key=value ...]`.
 
-For each stage of the stages file (configs/continual_tiny.yaml): compose the memory bank (the refresh generated
+For each stage of the stages file (configs/continual/digits.yaml): compose the memory bank (the refresh generated
 on every rank) -> train from the previous stage, EMA carried on -> export -> evaluate on the held-out data of
 stages 1..k -> a row of run_dir/results.json. A rerun continues where a crash stopped; finished stages are never
 redone. Also runs as a single process (`python launch/continual.py ...`) and under torchrun/srun.

@@ -285,3 +285,8 @@ def test_slurm_template_runs_the_chain_and_requeues_a_preempted_one():
         assert "scontrol requeue 4242" in requeued
     failed = dry_run("launch/slurm/continual.sbatch", STAGES="s.yaml", expect=2, DRY_RUN_STATUS="2")
     assert "scontrol requeue" not in failed
+
+
+def test_the_example_stages_file_parses_and_names_its_missing_data():
+    with pytest.raises(ConfigError, match=r"stages\[0\].target=runs/continual_digits/data/target_56: no shard"):
+        load_stages("configs/continual/digits.yaml")

@@ -59,7 +59,7 @@ def load_stages(path: str | None, overrides: list[str] = ()) -> StagesFile:
         if path:
             if not Path(path).is_file():
                 raise ConfigError(
-                    f"--stages {path}: no such file; give a stages YAML, e.g. configs/continual_tiny.yaml"
+                    f"--stages {path}: no such file; give a stages YAML, e.g. configs/continual/digits.yaml"
                 )
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         for override in overrides:  # one at a time: `stages.1.steps=8` indexes into the list of stages
