@@ -174,6 +174,10 @@ def test_unknown_keys_and_data_that_does_not_fit_the_model_are_refused(chain, tm
     wrong = make_shards(tmp_path / "wide", 4, shape=(3, 16, 16), num_classes=2, per_shard=4)
     with pytest.raises(ConfigError, match=r"stages\[1\].target=.*shape \(3, 16, 16\) but the model samples \(3, 8"):
         load_stages(str(write_stages(chain, tmp_path / "s.yaml", target__1=str(wrong))))
+    with pytest.raises(ConfigError, match=r"stages\[0\].eval_data=.* has classes \['c'\] that no target"):
+        load_stages(
+            str(write_stages(chain, tmp_path / "s.yaml", eval_data__0=chain["document"]["stages"][1]["eval_data"]))
+        )
 
 
 def test_a_changed_stages_file_is_refused_under_a_run_in_progress(chain, tmp_path):

@@ -97,6 +97,7 @@ def check_stages(stages: StagesFile) -> None:
     if base.model.family != "dit":
         raise ConfigError(f"model.family={base.model.family}: continual runs support model.family=dit for now")
     shape = model_sample_shape(stages.pretrained, base.model.num_attention_heads)
+    known: set[str] = set()  # the class names of the targets so far: the table a held-out set is sampled from
     for number, stage in enumerate(stages.stages):
         key = f"stages[{number}]"
         if not stage.target:
@@ -104,9 +105,14 @@ def check_stages(stages: StagesFile) -> None:
         if stage.steps < 1:
             raise ConfigError(f"{key}.steps={stage.steps} must be at least 1")
         stage_config(stages, number, [])  # its overrides are valid run-config keys
-        for field_key, folder in ((f"{key}.target", stage.target), (f"{key}.eval_data", stage.eval_data)):
-            if folder:
-                check_stage_data(field_key, folder, shape)
+        known.update(check_stage_data(f"{key}.target", stage.target, shape))
+        if stage.eval_data:
+            unknown = sorted(set(check_stage_data(f"{key}.eval_data", stage.eval_data, shape)) - known)
+            if unknown:
+                raise ConfigError(
+                    f"{key}.eval_data={stage.eval_data} has classes {unknown} that no target of stages 0..{number} "
+                    "brings, so the model has no label for them: evaluate a stage on classes it has seen"
+                )
 
 
 def stage_config(stages: StagesFile, number: int, extra: list[str]):
