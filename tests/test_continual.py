@@ -19,7 +19,7 @@ from models.feature_net import FeatureNet, save_feature_net
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_shards
 from trainer.config import ConfigError
-from trainer.continual import check_run_in_progress, sample_class
+from trainer.continual import check_run_in_progress, sample_class, stage_target_parts
 from trainer.stages import fingerprint, load_stages
 
 
@@ -158,6 +158,7 @@ def write_stages(chain: dict, path: Path, **changes) -> Path:
         ({"keep": 1.5}, r"bank.keep=1.5 must lie in \[0, 1\]"),
         ({"keep": -0.1}, r"bank.keep=-0.1 must lie in \[0, 1\]"),
         ({"mode": "replay"}, r"mode='replay' is not one of"),
+        ({"replay": 2.0}, r"replay=2.0 must lie in \[0, 1\]"),
         ({"steps__0": 0}, r"stages\[0\].steps=0 must be at least 1"),
         ({"overrides__2": ["train.stepz=3"]}, r"stages\[2\].*train.stepz"),
     ],
@@ -294,3 +295,16 @@ def test_slurm_template_runs_the_chain_and_requeues_a_preempted_one():
 def test_the_example_stages_file_parses_and_names_its_missing_data():
     with pytest.raises(ConfigError, match=r"stages\[0\].target=runs/continual_digits/data/target_56: no shard"):
         load_stages("configs/continual/digits.yaml")
+
+
+def test_a_stage_target_maps_its_classes_onto_the_run_table_and_replays_a_share_of_earlier_ones(chain, tmp_path):
+    stages = load_stages(str(chain["path"]), ["replay=0.25"])
+    classes = ["a", "b", "c", "d", "e"]
+    parts = stage_target_parts(stages, 2, classes)
+    write_composed(tmp_path / "target", parts, {"classes": classes})
+    target, own = open_shard_set(tmp_path / "target"), open_shard_set(stages.stages[2].target)
+    assert len(target) == 16 + 4 + 4 and [p.lineage["stage"] for p in parts] == [3, 1, 2]
+    assert [target[i]["label"] for i in range(16)] == [3 + own[i]["label"] for i in range(16)]  # d, e -> 3, 4
+    assert {target[i]["label"] for i in range(16, 24)} <= {0, 1, 2}
+    assert parts[1].indices == keep_subset(16, 4, (0, 3, 1)) and stage_target_parts(stages, 2, classes) == parts
+    assert len(stage_target_parts(load_stages(str(chain["path"])), 2, classes)) == 1  # replay=0: this stage only

@@ -75,8 +75,8 @@ def run_stage(
 ) -> None:
     stage, k = stages.stages[number], number + 1
     base = stage_config(stages, number, [])
-    if rank == 0:  # the stage's target, its class ids mapped onto the run's table (nothing copied)
-        write_composed(folder / "target", [labelled_part(stage.target, classes, {"stage": k})], {"classes": classes})
+    if rank == 0:  # the stage's target (and replayed earlier targets), class ids mapped onto the run's table
+        write_composed(folder / "target", stage_target_parts(stages, number, classes), {"classes": classes})
     distributed.barrier()
     bank = stage_bank(stages, number, folder, previous, base, rank)
     overrides = [
@@ -140,14 +140,28 @@ def stage_bank(
     return folder / "bank"
 
 
-def labelled_part(directory: str, classes: list[str], lineage: dict) -> Part:
-    """All samples of a shard set, its class ids mapped onto `classes` by name."""
+def stage_target_parts(stages: StagesFile, number: int, classes: list[str]) -> list[Part]:
+    """Stage `number`'s target and, with `replay` > 0, a seeded share of every earlier stage's target."""
+    k = number + 1
+    parts = [labelled_part(stages.stages[number].target, classes, {"stage": k})]
+    for earlier in range(number if stages.replay else 0):
+        size = len_of(Path(stages.stages[earlier].target))
+        kept = keep_subset(size, round(size * stages.replay), (stages.bank.seed, k, earlier + 1))
+        if kept:
+            lineage = {"stage": earlier + 1, "replayed_in": k}
+            parts.append(labelled_part(stages.stages[earlier].target, classes, lineage, kept))
+    return parts
+
+
+def labelled_part(directory: str, classes: list[str], lineage: dict, indices: list[int] | None = None) -> Part:
+    """Samples `indices` (all when None) of a shard set, its class ids mapped onto `classes` by name."""
     dataset = open_shard_set(directory, verify="size")
     try:
         names, size = dataset.manifest.meta["classes"], len(dataset)
     finally:
         dataset.close()
-    return Part(str(Path(directory).resolve()), list(range(size)), lineage, [classes.index(n) for n in names])
+    chosen = list(range(size)) if indices is None else indices
+    return Part(str(Path(directory).resolve()), chosen, lineage, [classes.index(n) for n in names])
 
 
 def evaluate_stage(stages: StagesFile, number: int, folder: Path, classes: list[str], cfg: Config, rank: int) -> dict:

@@ -46,6 +46,7 @@ class StagesFile:
     config: str = "tiny_cpu"  # the run-config preset or YAML every stage starts from
     overrides: list[str] = field(default_factory=list)  # key=value overrides of that config, for every stage
     mode: str = "evolving"
+    replay: float = 0.0  # share of each earlier stage's real target samples added to a stage's target (seeded)
     run_dir: str = "runs/continual"  # one folder for every stage: run_dir/stage_01/...
     bank: BankPolicy = field(default_factory=BankPolicy)
     stages: list[StageConfig] = field(default_factory=list)
@@ -87,6 +88,8 @@ def check_stages(stages: StagesFile) -> None:
         raise ConfigError(f"bank.refresh_from={stages.bank.refresh_from!r} is not one of {REFRESH_FROM}")
     if not 0.0 <= stages.bank.keep <= 1.0:
         raise ConfigError(f"bank.keep={stages.bank.keep} must lie in [0, 1] (the share of the previous bank kept)")
+    if not 0.0 <= stages.replay <= 1.0:
+        raise ConfigError(f"replay={stages.replay} must lie in [0, 1] (the share of earlier stages' targets replayed)")
     if stages.bank.size < 1 and stages.mode != "finetune":
         raise ConfigError(f"bank.size={stages.bank.size} must be at least 1 (or mode=finetune, which has no bank)")
     if not stages.pretrained or not Path(stages.pretrained).exists():
