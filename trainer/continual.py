@@ -241,13 +241,13 @@ def write_json(path: Path, document: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     metrics = [m for m in ("fid", "kid", "precision", "recall") if any(m in row for row in rows)]
-    lines = [f"{'stage':12}{'mode':10}{'classes':>8}{'kept':>6}{'new':>6}" + "".join(f"{m:>11}" for m in metrics)]
+    header = f"{'stage':12}{'mode':10}{'classes':>8}{'bank of':>8}{'kept':>6}{'new':>6}"
+    lines = [header + "".join(f"{m:>11}" for m in metrics)]
     for row in rows:
         bank = row.get("bank") or {}
-        lines.append(
-            f"{row['name']:12}{row['mode']:10}{row['num_classes']:>8}{bank.get('num_kept', '-'):>6}"
-            f"{bank.get('num_new', '-'):>6}" + "".join(f"{row.get(m, float('nan')):>11.4g}" for m in metrics)
-        )
+        of, kept, new = bank.get("stage", "-"), bank.get("num_kept", "-"), bank.get("num_new", "-")
+        scores = "".join(f"{row.get(m, float('nan')):>11.4g}" for m in metrics)
+        lines.append(f"{row['name']:12}{row['mode']:10}{row['num_classes']:>8}{of:>8}{kept:>6}{new:>6}" + scores)
     return "\n".join(lines)
 
 
