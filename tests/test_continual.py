@@ -22,6 +22,8 @@ from trainer.config import ConfigError
 from trainer.continual import check_run_in_progress, sample_class, stage_target_parts
 from trainer.stages import fingerprint, load_stages
 
+slow = pytest.mark.slow  # launched multi-stage runs
+
 
 def named_shards(folder: Path, num_samples: int, names: list[str], seed: int, per_shard: int = 8) -> Path:
     """Random 3x8x8 samples whose classes are `names` (a stage's data: its own ids 0..len-1)."""
@@ -208,6 +210,7 @@ def evolving(chain) -> Path:
     return run_dir
 
 
+@slow
 def test_every_stage_leaves_its_artefacts_and_a_row(evolving):
     rows = json.loads((evolving / "results.json").read_text())["rows"]
     assert [row["stage"] for row in rows] == [1, 2, 3] and [row["num_classes"] for row in rows] == [2, 3, 5]
@@ -225,6 +228,7 @@ def read_steps(stage: Path) -> list[dict]:
     return [json.loads(line) for line in (stage / "train" / "metrics.jsonl").read_text().splitlines()]
 
 
+@slow
 def test_the_bank_keeps_a_seeded_share_and_records_each_samples_lineage(evolving):
     first, third = read_composed(evolving / "stage_01" / "bank"), read_composed(evolving / "stage_03" / "bank")
     assert [p.lineage["model_stage"] for p in first.parts] == [0] and first.num_samples == 10
@@ -235,6 +239,7 @@ def test_the_bank_keeps_a_seeded_share_and_records_each_samples_lineage(evolving
     assert {p.lineage["bank_stage"] for p in third.parts} <= {1, 2, 3}
 
 
+@slow
 def test_the_class_table_grows_and_an_earlier_class_still_samples(evolving):
     first = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"))
     grown = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"), num_classes=3, class_init="grow")
@@ -248,6 +253,7 @@ def test_the_class_table_grows_and_an_earlier_class_still_samples(evolving):
     assert sample.shape == (1, 3, 8, 8) and torch.isfinite(sample).all()
 
 
+@slow
 def test_a_run_killed_in_stage_2s_training_resumes_to_the_same_weights(chain, evolving):
     """On 1 rank (the 2-rank run above is the uninterrupted reference: the same plan, so the same weights up to
     the order of the gradient sum, and the same bank to the byte)."""
