@@ -298,9 +298,9 @@ def test_slurm_template_runs_the_chain_and_requeues_a_preempted_one():
     assert "scontrol requeue" not in failed
 
 
-def test_the_example_stages_file_parses_and_names_its_missing_data():
-    with pytest.raises(ConfigError, match=r"stages\[0\].target=runs/continual_digits/data/target_56: no shard"):
-        load_stages("configs/continual/digits.yaml")
+def test_the_example_stages_file_parses_and_names_its_missing_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\].target=.*/missing: no shard manifest"):
+        load_stages("configs/continual/digits.yaml", [f"stages.0.target={tmp_path / 'missing'}"])
 
 
 def test_a_stage_target_maps_its_classes_onto_the_run_table_and_replays_a_share_of_earlier_ones(chain, tmp_path):
