@@ -124,7 +124,9 @@ def chain(tiny, tmp_path_factory) -> dict:
     for k, classes in enumerate(names):
         target = named_shards(root / f"target{k}", 16, classes, seed=10 + k)
         held_out = named_shards(root / f"eval{k}", 48, classes, seed=20 + k, per_shard=24)
-        stages.append({"target": str(target), "steps": 4, "eval_data": str(held_out)})
+        stages.append({"target": str(target), "steps": 4, "eval_data": str(held_out), "overrides": []})
+    # Stage 2's EMA barely moves, so that it shows where it started: stage 1's EMA, carried on.
+    stages[1]["overrides"] = ["optim.ema_decay=0.999999"]
     document = {
         "pretrained": str(tiny["pretrained"]), "config": "tiny_cpu", "mode": "evolving",
         "overrides": ["run.ckpt_every=2", "run.log_every=2", "bank.num_steps=3", "bank.batch_size=4",
@@ -240,13 +242,22 @@ def test_the_bank_keeps_a_seeded_share_and_records_each_samples_lineage(evolving
 
 
 @slow
-def test_the_class_table_grows_and_an_earlier_class_still_samples(evolving):
+def test_the_class_table_grows_the_ema_carries_on_and_an_earlier_class_still_samples(evolving):
     first = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"))
     grown = DiTFamily.from_pretrained(str(evolving / "stage_01" / "model" / "raw"), num_classes=3, class_init="grow")
     assert first.null_condition == 2 and grown.null_condition == 3
     key = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
     old, new = first.denoiser.state_dict()[key], grown.denoiser.state_dict()[key]
     assert torch.equal(new[:2], old[:2]) and torch.equal(new[3], old[2])  # earlier rows and the null row kept
+    # Stage 2 started its EMA from stage 1's EMA (grown the same way), not from the weights it trained from.
+    first_ema = DiTFamily.from_pretrained(
+        str(evolving / "stage_01" / "model" / "ema"), num_classes=3, class_init="grow"
+    )
+    second_ema = DiTFamily.from_pretrained(str(evolving / "stage_02" / "model" / "ema"))
+    for name, tensor in second_ema.denoiser.state_dict().items():
+        torch.testing.assert_close(tensor, first_ema.denoiser.state_dict()[name], rtol=0, atol=1e-5)
+    drift = max((grown.denoiser.state_dict()[n] - t).abs().max() for n, t in first_ema.denoiser.state_dict().items())
+    assert drift > 1e-4  # the raw weights are elsewhere: the check above could fail
     last = DiTFamily.from_pretrained(str(evolving / "stage_03" / "model" / "ema"))
     assert last.null_condition == 5
     sample = sample_class(evolving / "stage_03" / "model" / "ema", label=0)  # class "a", from stage 1
@@ -259,7 +270,8 @@ def test_a_run_killed_in_stage_2s_training_resumes_to_the_same_weights(chain, ev
     the order of the gradient sum, and the same bank to the byte)."""
     document = json.loads(json.dumps(chain["document"]))
     document["stages"] = [{**stage, "eval_data": None} for stage in document["stages"][:2]]
-    document["stages"][1]["overrides"] = ["debug.crash_in_save_step=4", "debug.crash_rank=0"]  # the last save
+    carried = document["stages"][1]["overrides"]
+    document["stages"][1]["overrides"] = [*carried, "debug.crash_in_save_step=4", "debug.crash_rank=0"]  # last save
     run_dir = chain["root"] / "killed"
     path = chain["root"] / "killed.yaml"
     path.write_text(json.dumps(document))
@@ -267,7 +279,7 @@ def test_a_run_killed_in_stage_2s_training_resumes_to_the_same_weights(chain, ev
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert (run_dir / "stage_01" / "done.json").is_file() and not (run_dir / "stage_02" / "done.json").exists()
     assert (run_dir / "stage_02" / "train" / "checkpoints" / "latest").read_text() == "step_00000002"
-    document["stages"][1]["overrides"] = []  # debug.* is not a change of the stages file
+    document["stages"][1]["overrides"] = carried  # debug.* is not a change of the stages file
     path.write_text(json.dumps(document))
     assert_ok(run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"]))
     reference = evolving / "stage_02"
