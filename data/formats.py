@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.composed import ComposedDataset, is_composed
 from data.shards import ShardDataset, ShardRecord, file_sha256, read_manifest, shard_name, write_shard
 
 
@@ -37,11 +38,17 @@ def _mds(attribute: str):
     return call
 
 
+def _read_only(*args, **kwargs):
+    raise ValueError("a composed set is written by data.composed.write_composed over existing shard sets, not by a job")
+
+
 FORMATS = {
     "wds": ShardFormat("wds", shard_name, write_shard, _file_digest, ShardDataset),
     "mds": ShardFormat(
         "mds", _mds("mds_shard_name"), _mds("write_mds_shard"), _mds("hash_mds_shard"), _mds("MDSDataset")
     ),
+    # A manifest over parts of other shard sets (continual banks): read by global index, never written as shards.
+    "composed": ShardFormat("composed", _read_only, _read_only, _read_only, ComposedDataset),
 }
 
 
@@ -53,4 +60,6 @@ def shard_format(name: str) -> ShardFormat:
 
 def open_shard_set(directory: str | Path, verify: str = "sha256"):
     """The dataset of a shard set, in the format its manifest records (webdataset when it says nothing)."""
+    if is_composed(directory):
+        return FORMATS["composed"].dataset(directory, verify=verify)
     return shard_format(read_manifest(directory).meta.get("format", "wds")).dataset(directory, verify=verify)

@@ -72,10 +72,16 @@ def open_weights(path: Path, num_attention_heads: int) -> WeightSource:
 
 def relabelled(source: WeightSource, num_classes: int, class_init: str, seed: int) -> WeightSource:
     """The label table mapped onto `num_classes` target classes on the stream; the pre-trained null row stays
-    the null row (Diff-Tuning's retention trains the unconditional branch through it)."""
+    the null row (Diff-Tuning's retention trains the unconditional branch through it). `class_init`: reuse rows
+    0..K-1, fresh random rows, or grow: keep every pre-trained row and append fresh ones (continual stages)."""
     old = source.config["num_embeds_ada_norm"]
-    if num_classes == 0 or (num_classes == old and class_init == "reuse"):
+    if num_classes == 0 or (num_classes == old and class_init in ("reuse", "grow")):
         return source
+    if class_init == "grow" and num_classes < old:
+        raise ValueError(
+            f"model.class_init=grow keeps every one of the {old} classes of model.pretrained and adds rows, but "
+            f"model.num_classes={num_classes} is smaller: set model.num_classes >= {old}"
+        )
     if class_init == "reuse" and num_classes > old:
         raise ValueError(
             f"model.num_classes={num_classes} is larger than the pre-trained label space ({old} classes), so "
@@ -89,7 +95,10 @@ def relabelled(source: WeightSource, num_classes: int, class_init: str, seed: in
         tensor = source.read(name)
         if not name.endswith(LABEL_TABLE):
             return tensor
-        rows = tensor[:num_classes] if class_init == "reuse" else fresh.to(tensor.dtype)
+        if class_init == "grow":  # a later stage's new classes: the earlier rows keep their ids
+            rows = torch.cat([tensor[:old], fresh[old:].to(tensor.dtype)])
+        else:
+            rows = tensor[:num_classes] if class_init == "reuse" else fresh.to(tensor.dtype)
         return torch.cat([rows, tensor[old : old + 1]])
 
     config = {**source.config, "num_embeds_ada_norm": num_classes}

@@ -33,7 +33,9 @@ class ModelConfig:
     vae: str | None = None  # local AutoencoderKL folder (for a `.pt` DiT, or to override the folder's own)
     num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
     num_classes: int = 0  # K target classes; 0 keeps the pre-trained label space
-    class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows
+    class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows;
+    # grow: every pre-trained row kept, fresh rows appended (a continual stage adding classes)
+    ema_from: str | None = None  # a model folder whose weights start the EMA (continual stages carry it on)
     # sd_controlnet: model.pretrained is a local diffusers Stable Diffusion 1.5 folder
     controlnet: str | None = None  # local ControlNetModel folder; None starts one with ControlNetModel.from_unet
     control: str = "canny"  # canny | sketch | depth | normal | seg
@@ -286,7 +288,7 @@ def check_config(cfg: Config) -> None:
     except ValueError as err:
         raise ConfigError(f"model.family={cfg.model.family}: {err}") from None
     _choice(cfg.model.control, ("canny", "sketch", "depth", "normal", "seg"), "model.control")
-    _choice(cfg.model.class_init, ("reuse", "fresh"), "model.class_init")
+    _choice(cfg.model.class_init, ("reuse", "fresh", "grow"), "model.class_init")
     _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
     _choice(cfg.data.format, ("wds", "mds"), "data.format")
     _choice(cfg.method.bank_count, ("round", "floor"), "method.bank_count")

@@ -30,7 +30,8 @@ def init() -> tuple[int, int, torch.device]:
     global _host_group
     # Host-side flags (preemption) are reduced over gloo on the CPU, beside the device's collectives, so
     # that agreeing on them never waits for the device.
-    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    if _host_group is None:  # once per process group: jobs run one after another in a process call init again
+        _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
@@ -82,7 +83,9 @@ def destroy() -> None:
     (about 69 MB in /dev/shm, otherwise left behind when the process ends)."""
     if not dist.is_initialized():
         return
+    global _host_group
     rank, port = dist.get_rank(), os.environ.get("MASTER_PORT", "")
     dist.destroy_process_group()
+    _host_group = None
     for buffer in Path("/dev/shm").glob(f"deepspeed_*_{port}_{rank}"):
         buffer.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from trainer.checkpoint import RunState
 from trainer.config import Config, MethodConfig, gradient_accumulation_steps
 from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
+from trainer.ema_start import start_ema_from
 from trainer.engine import build_engine
 from trainer.host_reads import HostReadLog, host_side
 from trainer.loss import snr_loss_weights, source_weights
@@ -77,6 +78,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
     engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
     ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns
+    if cfg.model.ema_from and saved is None:
+        start_ema_from(ema, cfg)  # a continual stage carries the previous stage's EMA on
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
         checkpoint.load(engine, ema, ckpt_root, universal, rank)

@@ -30,8 +30,8 @@ class PreemptionFlag:
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.requested = False
         self._pending: tuple[torch.Tensor, object] | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        # Restored by close(): a process that trains several times (continual stages) is not left with a dead flag.
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -52,3 +52,5 @@ class PreemptionFlag:
         if self._pending is not None:
             self._pending[1].wait()
             self._pending = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
