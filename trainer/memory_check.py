@@ -98,7 +98,7 @@ def check_dit_xl2_zero3(
     num_ranks: int = 2, steps: int = 2, workdir: str | None = None, precision: str = "bf16"
 ) -> tuple[str, bool]:
     """Trains a random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked, and
-    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, ~10 GB for the final checkpoint,
+    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, ~12 GB for the final checkpoint,
     and per rank the plan's total plus ~0.6 GB (bf16: ~8.5 GB; fp32: ~11 GB)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
     try:
