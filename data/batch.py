@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import multiprocessing.forkserver
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,13 +117,36 @@ def _as_is(item):
     return item
 
 
+_SERVER_PRELOAD = ["data.batch"]  # what the worker server imports when it starts
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How decoding workers start: forked from a server process started fresh, never from the rank itself, which
+    by then holds its model (copied into every worker as Python touches its pages) and, on a GPU, a CUDA context
+    and communication threads that a fork does not survive. Each worker re-imports the main script as under
+    `spawn` (Python 3.11's forkserver cannot preload `__main__`): what the server preloaded, it finds loaded."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_SERVER_PRELOAD)
+    return context
+
+
+def start_worker_server(num_workers: int, preload: Sequence[str] = ()) -> None:
+    """Starts the workers' server now, importing `preload` (the modules the main script imports) in the
+    background, so that its start-up overlaps the rank's model build; nothing without workers."""
+    if num_workers:
+        _SERVER_PRELOAD.extend(name for name in preload if name not in _SERVER_PRELOAD)
+        worker_context()
+        multiprocessing.forkserver.ensure_running()
+
+
 class StepLoader:
     """Reads the micro-batches of the steps after the current one while it computes.
 
     With `num_workers` > 0, worker processes decode steps (each `prefetch` steps ahead, as DataLoader's
-    prefetch_factor); with 0, a background thread reads `prefetch` steps ahead. Every step is a pure
-    function of its number, so reading ahead changes nothing but the wait; `get(k)` returns step k's
-    micro-batches even after a jump (a resume). An error in a worker is raised by `get`, with its message.
+    prefetch_factor; started by `worker_context`, the planner and the shard readers pickled into them); with 0,
+    a background thread reads `prefetch` steps ahead. Every step is a pure function of its number, so reading
+    ahead changes nothing but the wait; `get(k)` returns step k's micro-batches even after a jump (a resume).
+    An error in a worker is raised by `get`, with its message.
     """
 
     def __init__(
@@ -148,6 +173,7 @@ class StepLoader:
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, sampler=self._steps, collate_fn=_as_is, num_workers=num_workers,
                 prefetch_factor=prefetch, persistent_workers=True, pin_memory=pin_memory,
+                multiprocessing_context=worker_context(),
             )  # fmt: skip
         else:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")

@@ -12,6 +12,7 @@ from diffusers import DiTTransformer2DModel
 
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_tiny_dit
+from trainer.engine import ZERO_BUFFERS
 from trainer.loss import NoiseSchedule, diffusion_loss
 from trainer.memory_check import tracked_ranks
 from trainer.memory_plan import activation_bytes, build_plan_model, plan_memory, plan_table
@@ -39,13 +40,15 @@ def test_model_state_bytes_match_hand_count(tiny, zero_stage, precision):
                        precision=precision, micro_batch_size=2, checkpointing=False, activations=0)  # fmt: skip
     optimizer_shard = world if zero_stage >= 1 else 1
     assert plan.weights == p * n // (world if zero_stage == 3 else 1) + buffers
-    expected_gradients = p * n // (world if zero_stage >= 2 else 1)
-    if precision == "bf16":  # DeepSpeed's fp32 gradient of the rank's master partition
-        expected_gradients += 4 * n // optimizer_shard
-    assert plan.gradients == expected_gradients
-    assert plan.master == (4 * n // optimizer_shard if precision == "bf16" else 0)
+    assert plan.gradients == p * n // (world if zero_stage >= 2 else 1)
+    # DeepSpeed keeps an fp32 master partition from ZeRO-1 on, in fp32 training too
+    assert plan.master == (4 * n // optimizer_shard if zero_stage >= 1 or precision == "bf16" else 0)
     assert plan.optimizer == 8 * n // optimizer_shard
     assert plan.ema == 4 * n // optimizer_shard
+    bucket = p * ZERO_BUFFERS["reduce_bucket_size"]  # the tiny model is smaller than every ZeRO_BUFFERS limit
+    step_copy = 4 * n // world  # the step's fp32 flat copy of the rank's gradient partition
+    gathered = p * n if zero_stage == 3 else 0  # ZeRO-3's gathered parameters, at most the whole model
+    assert plan.buffers == (bucket + step_copy + gathered if zero_stage else 0)
 
 
 def tracked_activations(folder, micro_batch: int, checkpointing: bool) -> int:
@@ -129,5 +132,6 @@ def test_benchmark_writes_every_figure(tiny, tmp_path):
 
 def test_every_rank_reports_its_tracked_peak_under_zero3(tiny, tmp_path):
     """The wiring of --check_plan_xl2, on the tiny DiT: 2 CPU ranks under ZeRO-3, each rank's peak tracked."""
-    plan, measured = tracked_ranks(tiny["pretrained"], tmp_path, num_ranks=2, steps=2, zero_stage=3)
+    plan, measured, rss = tracked_ranks(tiny["pretrained"], tmp_path, num_ranks=2, steps=2, zero_stage=3)
     assert len(measured) == 2 and all(peak > plan.optimizer for peak in measured)
+    assert all(process_peak > peak for process_peak, peak in zip(rss, measured))  # Linux: VmHWM

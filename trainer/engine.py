@@ -10,13 +10,25 @@ import torch
 from trainer.config import Config
 from trainer.optim import GuardedAdamW
 
+# DeepSpeed's defaults keep a 5e8-element gradient bucket (1.9 GiB in fp32), under ZeRO-3 up to 1e9 gathered
+# parameter elements alive from their forward to their backward (a whole DiT-XL/2 on every rank), and flatten a
+# rank's whole gradient partition into a new fp32 tensor at the step (sub-groups of 1e9 elements). Bounded so
+# that no rank holds all weights; trainer/memory_plan.py counts these buffers (elements).
+ZERO_BUFFERS = {
+    "reduce_bucket_size": 50_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 100_000_000,
+    "stage3_max_reuse_distance": 50_000_000,
+    "sub_group_size": 100_000_000,
+}
+
 
 def deepspeed_config(cfg: Config, accumulation_steps: int, load_universal: bool = False) -> dict:
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {"stage": cfg.train.zero_stage, **ZERO_BUFFERS},
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (trainer/optim.py)
         # The skip decision is ours, on the device (trainer/optim.py): DeepSpeed's own check reads the host.
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": False},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.batch import MicroBatch, StepLoader
+from data.batch import MicroBatch, StepLoader, start_worker_server
 from data.sampler import TARGET, slot_ids
 from models.tuning import save_adapter
 from trainer import checkpoint, distributed
@@ -52,6 +52,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     accumulation = gradient_accumulation_steps(cfg, world_size)
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
     check_run_dir(run_dir, resume, overwrite)
+    # Decoding workers fork from a fresh server, not from this rank once it holds its model; the server imports
+    # the trainer (what launch scripts import, and workers re-import) while the model is built.
+    start_worker_server(cfg.data.num_workers, preload=("trainer.loop",))
     family = load_family(cfg, training=True)  # under ZeRO-3 built partitioned: no rank holds all weights
     tuning = apply_tuning(cfg, family, rank)  # which parameters train (full, DiffFit, BitFit, LoRA)
     retention = retention_method(cfg)  # what keeps pre-trained knowledge: bank replay or distillation

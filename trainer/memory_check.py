@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +29,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tracked_training(cfg: Config) -> int:
-    """Trains under the tracker; returns this rank's peak of live tensor bytes and writes it to run.dir."""
+    """Trains under the tracker; returns this rank's peak of live tensor bytes and writes it, with the process's
+    peak resident memory, to run.dir."""
     rank, world_size, device = distributed.init()
     tracker = LiveTensorMemory(device.type)
     with tracker:
         train(cfg, overwrite=True)
-    Path(cfg.run.dir, f"memory_rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": tracker.peak}))
+    record = {"rank": rank, "peak_bytes": tracker.peak, "peak_rss_bytes": peak_rss_bytes()}
+    Path(cfg.run.dir, f"memory_rank{rank}.json").write_text(json.dumps(record))
     return tracker.peak
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's resident high-water mark (Linux), Python and the allocator's cache included."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    lines = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
+    return int(lines[0].split()[1]) * 1024 if lines else None
 
 
 def plan_for(cfg: Config, world_size: int) -> MemoryPlan:
@@ -44,7 +56,9 @@ def plan_for(cfg: Config, world_size: int) -> MemoryPlan:
     )  # fmt: skip
 
 
-def compare(plan: MemoryPlan, measured_bytes: list[int], tolerance: float = 0.10) -> tuple[str, bool]:
+def compare(
+    plan: MemoryPlan, measured_bytes: list[int], tolerance: float = 0.10, rss_bytes: list[int | None] | None = None
+) -> tuple[str, bool]:
     """A printed comparison and whether every rank is within `tolerance` of the plan's total."""
     parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in vars(plan).items())
     lines = [f"plan per rank (MiB): {parts}; total {plan.total / 2**20:.1f}"]
@@ -52,7 +66,9 @@ def compare(plan: MemoryPlan, measured_bytes: list[int], tolerance: float = 0.10
     for rank, measured in enumerate(measured_bytes):
         ratio = measured / plan.total
         ok &= abs(ratio - 1) <= tolerance
-        lines.append(f"rank {rank}: measured peak {measured / 2**20:.1f} MiB = {ratio:.3f} x plan")
+        rss = rss_bytes[rank] if rss_bytes else None
+        process = f" (process peak RSS {rss / 2**20:.0f} MiB)" if rss else ""
+        lines.append(f"rank {rank}: measured peak {measured / 2**20:.1f} MiB = {ratio:.3f} x plan{process}")
     verdict = "within" if ok else "NOT within"
     lines.append(f"measured peak of live tensors {verdict} {tolerance:.0%} of the plan")
     return "\n".join(lines), ok
@@ -78,27 +94,38 @@ def make_random_dit_xl2(folder: Path) -> Path:
     return folder
 
 
-def check_dit_xl2_zero3(num_ranks: int = 2, steps: int = 2, workdir: str | None = None) -> tuple[str, bool]:
+def check_dit_xl2_zero3(
+    num_ranks: int = 2, steps: int = 2, workdir: str | None = None, precision: str = "bf16"
+) -> tuple[str, bool]:
     """Trains a random DiT-XL/2 at micro-batch 1 on `num_ranks` CPU ranks under ZeRO-3, each rank tracked, and
-    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, more for the final checkpoint,
-    and several GB of memory per rank."""
+    compares every rank's peak with the plan. Needs ~3 GB of disk for the weights, ~12 GB for the final checkpoint,
+    and per rank the plan's total plus ~0.6 GiB of RSS (bf16: 8.4 GiB measured; fp32: ~10.4 GiB)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="difftune-xl2-"))
     try:
         pretrained = root / "dit_xl2"
         if not (pretrained / "transformer" / "config.json").is_file():
             make_random_dit_xl2(pretrained)
-        plan, measured = tracked_ranks(pretrained, root, num_ranks=num_ranks, steps=steps, zero_stage=3)
-        text, ok = compare(plan, measured)
-        return f"random DiT-XL/2, {num_ranks} CPU ranks, ZeRO-3, fp32, micro-batch 1, {steps} steps\n{text}", ok
+        plan, measured, rss = tracked_ranks(
+            pretrained, root, num_ranks=num_ranks, steps=steps, zero_stage=3, precision=precision
+        )
+        text, ok = compare(plan, measured, rss_bytes=rss)
+        return f"random DiT-XL/2, {num_ranks} CPU ranks, ZeRO-3, {precision}, micro-batch 1, {steps} steps\n{text}", ok
     finally:
         if workdir is None:  # ~3 GB of random weights
             shutil.rmtree(root, ignore_errors=True)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, zero_stage: int,
-                  micro_batch_size: int = 1) -> tuple[MemoryPlan, list[int]]:  # fmt: skip
+                  micro_batch_size: int = 1, precision: str = "fp32",
+                  ) -> tuple[MemoryPlan, list[int], list[int | None]]:  # fmt: skip
     """Launches `deepspeed --num_gpus N launch/benchmark.py --track_train` on a DiT folder with synthetic data;
-    returns the plan and every rank's tracked peak."""
+    returns the plan, every rank's tracked peak of live tensors and every rank's peak RSS."""
     from tests.tiny import make_shards  # the benchmark's synthetic data; imported only in this mode
 
     config = DiTTransformer2DModel.load_config(pretrained / "transformer")
@@ -108,18 +135,25 @@ def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, z
     run_dir = root / "run"
     overrides = [
         f"model.pretrained={pretrained}", "model.num_classes=0", f"data.target={target}", f"data.bank={bank}",
-        f"run.dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero_stage}", "train.precision=fp32",
+        f"run.dir={run_dir}", f"train.steps={steps}", f"train.zero_stage={zero_stage}", f"train.precision={precision}",
         f"train.global_batch_size={num_ranks * micro_batch_size}", f"train.micro_batch_size={micro_batch_size}",
         "data.verify=size", "run.log_every=1", "run.sample_every=0", "run.export=false", "run.progress=false",
-        # Decoding worker processes would fork a rank that already holds its model (seen: OOM at DiT-XL/2 size).
+        # One reader thread: each decoding worker process would add its own interpreter and torch to the RSS.
         "data.num_workers=0",
     ]  # fmt: skip
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [launcher, "--num_gpus", str(num_ranks), str(ROOT / "launch" / "benchmark.py"), "--track_train",
-               "--config", "dit_xl2_paper", *overrides]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           # glibc raises its mmap threshold as large blocks are freed, then keeps ZeRO-3's freed gathered
+           # parameters in its heaps (+0.5 GB RSS per rank on a 4-block XL/2); a fixed threshold returns them.
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}  # fmt: skip
+    # A free port: DeepSpeed names its CPU all-reduce shared memory after it, and another job on the default port
+    # would share (or hold) that name.
+    command = [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+               str(ROOT / "launch" / "benchmark.py"), "--track_train", "--config", "dit_xl2_paper",
+               *overrides]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"the tracked training run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    measured = [json.loads((run_dir / f"memory_rank{r}.json").read_text())["peak_bytes"] for r in range(num_ranks)]
-    return plan_for(load_config("dit_xl2_paper", overrides), num_ranks), measured
+    records = [json.loads((run_dir / f"memory_rank{r}.json").read_text()) for r in range(num_ranks)]
+    plan = plan_for(load_config("dit_xl2_paper", overrides), num_ranks)
+    return plan, [r["peak_bytes"] for r in records], [r.get("peak_rss_bytes") for r in records]

@@ -9,11 +9,15 @@ matrix, which no GPU kernel keeps.
 
 Model states per rank, N the trained parameters, W the world size, p the bytes of the training precision:
 weights p*N (/W at ZeRO-3) plus the frozen parts (SD's UNet, VAE, text encoder) whole, in the training
-precision; gradients p*N (/W from ZeRO-2), plus bf16's fp32 gradient partition 4*N (/W from ZeRO-1);
-bf16's fp32 master 4*N and AdamW's two moments 8*N (/W from ZeRO-1); the EMA 4*N (/W from ZeRO-1, the
-sharded EMA beside the fp32 partition). The total counts gradients and activations whole at once, as under
-gradient accumulation; with one micro-step per step the real peak is lower by up to the smaller of the two.
-Not counted: the CUDA context, DeepSpeed's communication buckets, optimizer-step temporaries, fragmentation.
+precision; gradients p*N (/W from ZeRO-2); an fp32 master 4*N/W from ZeRO-1 (DeepSpeed clones the partition
+in fp32 too: ZeRO-3's no-copy branch compares a torch.device with a string and never matches); AdamW's two
+moments 8*N (/W from ZeRO-1); the EMA 4*N (/W from ZeRO-1, the sharded EMA beside the fp32 partition).
+DeepSpeed's buffers, sized by trainer.engine.ZERO_BUFFERS (elements): from ZeRO-1 the gradient reduce bucket
+(p bytes each) and the step's fp32 flat copy of the rank's gradient partition (4*N/W; under ZeRO-3 one
+sub-group at a time), and under ZeRO-3 the gathered whole parameters it keeps alive (up to its live-parameter
+limit). The total counts gradients and activations whole at once, as under gradient accumulation; with one
+micro-step per step the real peak is lower by up to the smaller of the two.
+Not counted: the CUDA context, optimizer-step temporaries, the allocator's cache and fragmentation.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiTTransformer2DModel, UNet2DConditionModel
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from trainer.engine import ZERO_BUFFERS
 
 GIB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2}
@@ -196,14 +202,15 @@ class MemoryPlan:
 
     weights: int
     gradients: int
-    master: int  # bf16's fp32 copy of the trained weights
+    master: int  # ZeRO's fp32 copy of the rank's partition of the trained weights
     optimizer: int  # AdamW's exp_avg and exp_avg_sq, fp32
     ema: int
+    buffers: int  # DeepSpeed's: reduce bucket, step-time fp32 gradient copy, ZeRO-3 gathered parameters
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.master + self.optimizer + self.ema + self.activations
+        return sum(vars(self).values())
 
 
 def plan_memory(
@@ -225,12 +232,25 @@ def plan_memory(
         activations = activation_bytes(model, micro_batch_size, precision, checkpointing)
     return MemoryPlan(
         weights=p * trained // shards[3] + fixed,
-        gradients=p * trained // shards[2] + (4 * trained // shards[1] if bf16 else 0),
-        master=4 * trained // shards[1] if bf16 else 0,
+        gradients=p * trained // shards[2],
+        master=4 * trained // shards[1] if zero_stage >= 1 or bf16 else 0,
         optimizer=8 * trained // shards[1],
         ema=4 * trained // shards[1],
+        buffers=deepspeed_buffer_bytes(trained, world_size, zero_stage, p),
         activations=activations,
     )
+
+
+def deepspeed_buffer_bytes(trained: int, world_size: int, zero_stage: int, precision_bytes: int) -> int:
+    """What DeepSpeed's ZeRO optimizer allocates beyond the model states (see the module docstring)."""
+    if zero_stage == 0:
+        return 0
+    bucket = precision_bytes * ZERO_BUFFERS["reduce_bucket_size"]
+    if zero_stage < 3:
+        return bucket + 4 * trained // world_size
+    step_copy = 4 * min(trained, ZERO_BUFFERS["sub_group_size"]) // world_size
+    gathered = precision_bytes * min(trained, ZERO_BUFFERS["stage3_max_live_parameters"])
+    return bucket + step_copy + gathered
 
 
 def plan_table(
@@ -245,7 +265,7 @@ def plan_table(
         f"{model.name}: {trained / 1e6:.1f}M trained parameters, {frozen / 1e6:.1f}M frozen; {world_size} GPUs, "
         f"{precision}, micro-batch {micro_batch_size}; GiB per GPU, fits = total <= {gpu_memory_gb:g} GiB",
         f"{'ZeRO':>4} {'ckpt':>4} {'weights':>8} {'grads':>8} {'master':>8} {'optim':>8} {'EMA':>8} "
-        f"{'activ.':>8} {'total':>8}  fits",
+        f"{'DS buf.':>8} {'activ.':>8} {'total':>8}  fits",
     ]
     rows = []
     for use_checkpointing in checkpointing:
@@ -260,7 +280,8 @@ def plan_table(
             rows.append({"model": model.name, "world_size": world_size, "zero_stage": stage, "precision": precision,
                          "micro_batch_size": micro_batch_size, "checkpointing": use_checkpointing, "fits": fits,
                          "gpu_memory_gb": gpu_memory_gb, **{f"{k}_gib": v for k, v in gib.items()}})  # fmt: skip
-            values = " ".join(f"{gib[k]:8.2f}" for k in ("weights", "gradients", "master", "optimizer", "ema"))
+            states = ("weights", "gradients", "master", "optimizer", "ema", "buffers")
+            values = " ".join(f"{gib[k]:8.2f}" for k in states)
             lines.append(
                 f"{stage:>4} {'yes' if use_checkpointing else 'no':>4} {values} {gib['activations']:8.2f} "
                 f"{gib['total']:8.2f}  {'yes' if fits else 'NO'}"
