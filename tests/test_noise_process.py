@@ -168,6 +168,20 @@ def test_edm_family_has_no_betas_and_takes_noise_settings(tiny):
         family.betas()
 
 
+def test_edm_family_generates_its_own_bank(tiny):
+    """The bank job's recipe works for a family without DDPM settings: samples come from its EDM sampler."""
+    from trainer.generate import bank_recipe
+
+    cfg = load_config("tiny_cpu", [f"model.pretrained={tiny['pretrained']}", "model.family=dit_edm",
+                                   "bank.num_steps=3", "bank.batch_size=2"])  # fmt: skip
+    family = DiTEDMFamily.from_pretrained(str(tiny["pretrained"]), num_classes=0)
+    _, settings, samples = bank_recipe(cfg, family, torch.device("cpu"))
+    assert settings["clip_sample"] is None
+    drawn = list(samples(range(2), lambda n: None))
+    assert [d["meta"]["index"] for d in drawn] == [0, 1]
+    assert all(np.isfinite(d["x"]).all() and d["x"].shape == tuple(family.sample_shape) for d in drawn)
+
+
 @pytest.mark.slow
 def test_edm_family_trains_zero2_resumes_exactly_and_exports_what_loads(tiny, tmp_path):
     """4 steps straight (2 ranks, ZeRO-2, Diff-Tuning, continuous sigma) == the run stopped at its step-2 checkpoint

@@ -118,7 +118,7 @@ def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, 
         denoiser = family.denoiser.to(device).eval()
         settings = {
             "weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition,
-            "clip_sample": family.scheduler_config["clip_sample"],
+            "clip_sample": family.scheduler_config.get("clip_sample"),  # EDM sampling has no x0 clipping
             "original_timestep_frequencies": family.original_timestep_frequencies,
         }  # fmt: skip
         return BANK_FIELDS, settings, lambda indices, on_batch: bank_samples(family, denoiser, indices, bank, on_batch)
