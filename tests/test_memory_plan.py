@@ -121,13 +121,15 @@ def test_benchmark_writes_every_figure(tiny, tmp_path):
     ])  # fmt: skip
     assert_ok(proc)
     result = json.loads(out.read_text())
-    assert set(result["step_ms"]) == {"difftune", "finetune", "plain"}
+    assert set(result["step_ms"]) == {"difftune", "kd", "finetune", "plain"}
     assert all(v > 0 for v in result["step_ms"].values()) and result["flops_per_step_per_rank"] > 0
     assert result["mfu"] is None and result["peak_tflops"] is None  # CPU: no peak unless --peak_tflops
     assert result["ratio_difftune_over_plain"] == pytest.approx(
         result["step_ms"]["difftune"] / result["step_ms"]["plain"]
     )
-    assert "step-time ratio Diff-Tuning / minimal loop" in proc.stdout
+    assert result["ratio_kd_over_difftune"] == pytest.approx(result["step_ms"]["kd"] / result["step_ms"]["difftune"])
+    assert result["flops_ratio_kd_over_difftune"] > 1  # the teacher's forward on the retention slots
+    assert "step-time ratio Diff-Tuning / minimal loop" in proc.stdout and "KD / Diff-Tuning" in proc.stdout
 
 
 def test_every_rank_reports_its_tracked_peak_under_zero3(tiny, tmp_path):

@@ -21,7 +21,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from data.files import atomic_write_bytes
 from data.formats import open_shard_set
@@ -40,6 +39,10 @@ def control_agreement(metric: str, annotated: np.ndarray, controls: np.ndarray, 
     """Per-sample agreement of re-annotated outputs with the input controls, both uint8 (N, H, W, 3)."""
     a, c = (torch.from_numpy(v.astype(np.float32) / 255.0).permute(0, 3, 1, 2) for v in (annotated, controls))
     if metric == "ssim":  # thin edges barely overlap pixel for pixel: blur both first, then compare structure
+        # Imported here: torchmetrics costs ~3 s at import (it pulls in transformers), which every training rank
+        # would pay at start-up, and only a ControlNet run that tracks convergence by SSIM needs it.
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
         a, c = (blur(v.mean(dim=1, keepdim=True), blur_sigma) for v in (a, c))
         return structural_similarity_index_measure(a, c, data_range=1.0, reduction="none").double()
     if metric == "mse":
