@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,3 +91,15 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_as_stopped_after(run_dir: Path, copy: Path, step: int) -> None:
+    """`copy` becomes `run_dir` as it was when it stopped after `step`: its checkpoint, its log, nothing later."""
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "export", ignore_errors=True)
+    for checkpoint in (copy / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.removeprefix("step_")) > step:
+            shutil.rmtree(checkpoint)
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))

@@ -6,7 +6,6 @@ and exports a folder that loads."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from models.dit_edm import DiTEDMFamily
 from models.family import ModelFamily, missing_members
 from models.noise import NOISE_PROCESSES, NoiseProcess
 from models.noise.edm import P_MEAN, P_STD, EDMProcess
-from tests.conftest import assert_ok, read_metrics, run_entry, train_args
+from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, train_args
 from tests.test_host_reads import quiet_steps
 from tests.test_train_distributed import assert_same_run
 from trainer.config import ConfigError, MethodConfig, load_config
@@ -196,11 +195,7 @@ def test_edm_family_trains_zero2_resumes_exactly_and_exports_what_loads(tiny, tm
     assert [m["step"] for m in metrics] == [2, 4] and all(np.isfinite(m["loss/total"]) for m in metrics)
     assert sum(m[key] is not None for m in metrics for key in m if key.startswith("loss_t/")) > 2  # sigma bands
     # The run as it was when it stopped after step 2: its checkpoint, its log, nothing later.
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "export")
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002")
-    (resumed / "metrics.jsonl").write_text((resumed / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    copy_as_stopped_after(straight, resumed, 2)
     assert_ok(run_entry("train.py", train_args(tiny, resumed, *common) + ["--resume"], num_procs=2))
     assert_same_run(straight, resumed, steps={4}, rtol=1e-6)
 

@@ -3,7 +3,6 @@ and training under DeepSpeed with real processes (frozen weights untouched, exac
 
 from __future__ import annotations
 
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ from models.dit import DiTFamily
 from models.sd_controlnet import SDControlNetFamily
 from models.tuning import ADAPTER_WEIGHTS, describe, tuning_method
 from models.tuning.difffit import DiffFit
-from tests.conftest import assert_ok, read_metrics, run_entry, train_args
+from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, train_args
 from tests.test_train_distributed import assert_same_run
 from tests.tiny_sd import make_tiny_sd
 from trainer.config import ConfigError, PeftConfig, load_config
@@ -204,12 +203,7 @@ def test_lora_zero2_resumes_exactly_and_merges_like_the_adapter(tiny, tmp_path):
     adapters = {f"{module}.lora_{ab}.default.weight" for module in LORA_TARGETS for ab in "AB"}
     assert module_keys(straight, "step_00000002") == adapters  # the checkpoint holds only what trains
     # The run as it was when it stopped after step 2: its checkpoint, its log, nothing later.
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "export")
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
+    copy_as_stopped_after(straight, resumed, 2)
     assert_ok(run_entry("train.py", train_args(tiny, resumed, *common) + ["--resume"], num_procs=2))
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
     assert_same_run(straight, resumed, steps={3, 4}, rtol=1e-6)

@@ -4,7 +4,6 @@ combinations, and a 2-rank ZeRO-2 Diff-Tuning-with-KD run through launch/train.p
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from data.batch import MicroBatch, load_micro_batch
 from data.sampler import BANK, TARGET
 from models.dit import DiTFamily
-from tests.conftest import assert_ok, read_metrics, run_entry, train_args
+from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, train_args
 from tests.test_train_distributed import assert_same_run
 from tests.tiny_sd import tiny_sd  # noqa: F401 (a session fixture)
 from trainer.config import ConfigError, load_config
@@ -120,12 +119,7 @@ def test_kd_zero2_resumes_exactly_and_exports(tiny, tmp_path):
     ledger = [json.loads(line) for rank in (0, 1) for line in (straight / "ledger" / f"rank{rank}.jsonl").open()]
     kd_slots = [entry for entry in ledger if entry["source"] == BANK]
     assert len(ledger) == 4 * 8 and len(kd_slots) == 4 * 4 and all(e["index"] < 40 for e in kd_slots)
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "export")
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
+    copy_as_stopped_after(straight, resumed, 2)
     assert_ok(run_entry("train.py", train_args(tiny, resumed, *common) + ["--resume"], num_procs=2))
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
     assert_same_run(straight, resumed, steps={3, 4}, rtol=1e-6)
