@@ -123,16 +123,25 @@ def losses(run_dir) -> list[float]:
     return [m["loss/total"] for m in read_metrics(run_dir) if "loss/total" in m]
 
 
+SD_INVARIANCE_RUN = ("train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4", "eval.every=2")
+
+
+@pytest.fixture(scope="module")
+def sd_one_rank(tiny_sd, tmp_path_factory):  # noqa: F811
+    """The reference of both ZeRO stages: 1 rank x micro 2 x accumulation 2 (ZeRO-2; one rank reduces nothing)."""
+    run = tmp_path_factory.mktemp("sd_invariance") / "one_rank"
+    assert_ok(run_entry("train.py", sd_train_args(tiny_sd, run, *SD_INVARIANCE_RUN, "train.zero_stage=2"), num_procs=1))
+    return run
+
+
 @slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_global_batch_invariance(tiny_sd, tmp_path, zero_stage):  # noqa: F811
+def test_global_batch_invariance(tiny_sd, tmp_path, sd_one_rank, zero_stage):  # noqa: F811
     """2 ranks x micro 2 x accumulation 1 == 1 rank x micro 2 x accumulation 2 (fp32): the same per-step losses,
     exported ControlNet weights and convergence curve."""
-    common = ("train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4", "eval.every=2",
-              f"train.zero_stage={zero_stage}")  # fmt: skip
-    two, one = tmp_path / "two_ranks", tmp_path / "one_rank"
-    assert_ok(run_entry("train.py", sd_train_args(tiny_sd, two, *common), num_procs=2))
-    assert_ok(run_entry("train.py", sd_train_args(tiny_sd, one, *common), num_procs=1))
+    two, one = tmp_path / "two_ranks", sd_one_rank
+    overrides = (*SD_INVARIANCE_RUN, f"train.zero_stage={zero_stage}")
+    assert_ok(run_entry("train.py", sd_train_args(tiny_sd, two, *overrides), num_procs=2))
     assert len(losses(one)) == 4 and len(set(losses(one))) == 4
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     for which in ("raw", "ema"):

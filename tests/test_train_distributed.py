@@ -29,23 +29,40 @@ def assert_same_run(a, b, steps=None, rtol=1e-5):
             torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=1e-7, msg=f"{which}: {key}")
 
 
+INVARIANCE_RUN = ("train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=5")
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny, tmp_path_factory):
+    """1 rank x micro 4 x accumulation 2, run once per kind of partitioning: ZeRO-0 and ZeRO-2 agree to rounding on
+    one rank, ZeRO-3 does not (attention's key bias gets a gradient of rounding noise, which Adam scales up)."""
+    runs = {}
+
+    def reference(zero_stage: int):
+        stage = 3 if zero_stage == 3 else 2
+        if stage not in runs:
+            run = tmp_path_factory.mktemp("invariance") / f"one_rank_zero{stage}"
+            overrides = (*INVARIANCE_RUN, f"train.zero_stage={stage}")
+            assert_ok(run_entry("train.py", train_args(tiny, run, *overrides), num_procs=1))
+            runs[stage] = run
+        return runs[stage]
+
+    return reference
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_global_batch_invariance(tiny, tmp_path, zero_stage):
+def test_global_batch_invariance(tiny, tmp_path, one_rank, zero_stage):
     """2 ranks x micro 4 x accumulation 1 == 1 rank x micro 4 x accumulation 2, over 5 steps."""
-    common = (
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.steps=5",
-        f"train.zero_stage={zero_stage}",
+    reference = one_rank(zero_stage)
+    two = tmp_path / "two_ranks"
+    assert_ok(
+        run_entry("train.py", train_args(tiny, two, *INVARIANCE_RUN, f"train.zero_stage={zero_stage}"), num_procs=2)
     )
-    two, one = tmp_path / "two_ranks", tmp_path / "one_rank"
-    assert_ok(run_entry("train.py", train_args(tiny, two, *common), num_procs=2))
-    assert_ok(run_entry("train.py", train_args(tiny, one, *common), num_procs=1))
-    assert_same_run(two, one)
-    losses = [m["loss/total"] for m in read_metrics(one)]
+    assert_same_run(two, reference)
+    losses = [m["loss/total"] for m in read_metrics(reference)]
     assert len(set(losses)) == len(losses)  # the weights did change from step to step
     before = DiTTransformer2DModel.from_pretrained(tiny["pretrained"] / "transformer").state_dict()
-    after = exported(one, "raw")
+    after = exported(reference, "raw")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after and before[k].shape == after[k].shape)
 
 
