@@ -83,9 +83,10 @@ def test_metrics_of_a_set_against_itself_and_another_distribution(kit):
         assert abs(same) < 1e-6 * other and other > 10 * frechet_distance(smooth[part], smooth_again[part])
     assert precision_recall(smooth[0], smooth[0]) == (1.0, 1.0)
     assert precision_recall(smooth[0], noise[0])[0] == 0.0  # no noise image lies in the smooth images' manifold
-    assert abs(kernel_distance(smooth[0], smooth[0], 5, 32, seed=0)[0]) < 1e-2 * kernel_distance(
-        smooth[0], noise[0], 5, 32, seed=0
-    )[0]
+    assert (
+        abs(kernel_distance(smooth[0], smooth[0], 5, 32, seed=0)[0])
+        < 1e-2 * kernel_distance(smooth[0], noise[0], 5, 32, seed=0)[0]
+    )
 
 
 def test_missing_inception_weights_stop_before_any_work(kit, tmp_path):

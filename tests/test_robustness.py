@@ -15,7 +15,16 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry, train_args
+from tests.conftest import (
+    ROOT,
+    assert_ok,
+    child_env,
+    copy_as_stopped_after,
+    free_port,
+    read_metrics,
+    run_entry,
+    train_args,
+)
 from tests.test_train_distributed import exported
 from trainer.ema import read_saved
 from trainer.preemption import REQUEUE_EXIT_CODE
@@ -119,10 +128,11 @@ def test_preemption_signal_saves_and_requeues(tiny, tmp_path, uninterrupted):
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_elastic_resume(tiny, tmp_path, first, second):
+    """A run on `first` ranks, rewound to its step-3 checkpoint and resumed on `second` ranks, ends as it did."""
     common = ("train.steps=6", "run.ckpt_every=3", "train.zero_stage=2", "debug.sample_ledger=true")
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     assert_ok(run_entry("train.py", train_args(tiny, straight, *common), num_procs=first))
-    assert_ok(run_entry("train.py", train_args(tiny, elastic, *common, "train.steps=3"), num_procs=first))
+    copy_as_stopped_after(straight, elastic, 3)
     proc = run_entry("train.py", train_args(tiny, elastic, *common) + ["--resume"], num_procs=second)
     assert_ok(proc)
     assert (elastic / "checkpoints" / "step_00000003_universal").is_dir()
