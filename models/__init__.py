@@ -14,15 +14,16 @@ class FamilyEntry:
     module: str  # imported only when the family is used: diffusers and transformers cost seconds
     attribute: str
     noise_process: str  # a key of models.noise.NOISE_PROCESSES: config checks read it without building anything
+    settings: str | None = None  # the section of the model config it reads (model.<settings>), if any
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.attribute)
 
 
 FAMILIES: dict[str, FamilyEntry] = {
-    "dit": FamilyEntry("models.dit", "DiTFamily", "ddpm"),
-    "dit_edm": FamilyEntry("models.dit_edm", "DiTEDMFamily", "edm"),
-    "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm"),
+    "dit": FamilyEntry("models.dit", "DiTFamily", "ddpm", "dit"),
+    "dit_edm": FamilyEntry("models.dit_edm", "DiTEDMFamily", "edm", "dit"),
+    "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm", "sd_controlnet"),
 }
 
 
@@ -37,6 +38,7 @@ def family_class(name: str) -> type:
     return family_entry(name).load()
 
 
-def register_family(name: str, module: str, attribute: str, noise_process: str) -> None:
-    """Adds a family living outside this package (e.g. a user's module) under `name` (model.family=name)."""
-    FAMILIES[name] = FamilyEntry(module, attribute, noise_process)
+def register_family(name: str, module: str, attribute: str, noise_process: str, settings: str | None = None) -> None:
+    """Adds a family living outside this package (e.g. a user's module) under `name` (model.family=name); it may
+    read an existing section of the model config (`settings`, e.g. "dit")."""
+    FAMILIES[name] = FamilyEntry(module, attribute, noise_process, settings)

@@ -53,20 +53,22 @@ def load_annotator(spec: str) -> Annotator:
     path, _, function = spec.partition(":")
     path, function = Path(path), function or "annotate"
     if not path.is_file():
-        raise FileNotFoundError(f"model.annotator={spec}: {path} is not a file; give path/to/module.py[:function]")
+        raise FileNotFoundError(
+            f"model.sd_controlnet.annotator={spec}: {path} is not a file; give path/to/module.py[:function]"
+        )
     module_spec = importlib.util.spec_from_file_location(f"difftune_annotator_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module  # lets the module's own dataclasses and pickles resolve
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, function, None)):
-        raise ValueError(f"model.annotator={spec}: {path} has no function {function!r}")
+        raise ValueError(f"model.sd_controlnet.annotator={spec}: {path} has no function {function!r}")
     return getattr(module, function)
 
 
 def annotator_for(control: str, spec: str | None, canny_thresholds=CANNY_THRESHOLDS) -> Annotator | None:
     """The annotator of a control: the user's if given, Canny for edges, else None (maps must come with data)."""
     if control not in CONTROLS:
-        raise ValueError(f"model.control={control!r} is not one of {CONTROLS}")
+        raise ValueError(f"model.sd_controlnet.control={control!r} is not one of {CONTROLS}")
     if spec:
         return load_annotator(spec)
     if control == "canny":

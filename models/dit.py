@@ -97,7 +97,9 @@ class DiTFamily:
             vae_folder = path / "vae" if (path / "vae").is_dir() else None
         if vae is not None:
             if not Path(vae).is_dir():
-                raise FileNotFoundError(f"model.vae={vae} is not a folder: point it to a local AutoencoderKL folder")
+                raise FileNotFoundError(
+                    f"model.dit.vae={vae} is not a folder: point it to a local AutoencoderKL folder"
+                )
             vae_folder = Path(vae)
         source = relabelled(open_weights(folder, num_attention_heads), num_classes, class_init, seed)
         try:

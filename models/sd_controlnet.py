@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,8 +63,21 @@ class SDControlNetFamily:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained: str, *, controlnet: str | None = None, default_prompt: str = DEFAULT_PROMPT, seed: int = 0
+        cls,
+        pretrained: str,
+        *,
+        controlnet: str | None = None,
+        default_prompt: str = DEFAULT_PROMPT,
+        seed: int = 0,
+        num_classes: int = 0,
+        **_: Any,
     ) -> SDControlNetFamily:
+        """`model.sd_controlnet`'s settings; the rest of that section (control, annotator, canny_thresholds) and the
+        trainer's build options (zero.Init under ZeRO-3, which the ControlNet does not use) are for other parts."""
+        if num_classes:
+            raise ValueError(
+                f"model.num_classes={num_classes}: sd_controlnet is conditioned on prompts, not classes; leave it 0"
+            )
         path = Path(pretrained)
         if not path.is_dir():
             raise FileNotFoundError(
@@ -93,8 +107,9 @@ class SDControlNetFamily:
                 net = ControlNetModel.from_unet(unet)
         elif not (Path(controlnet) / "config.json").is_file():
             raise FileNotFoundError(
-                f"model.controlnet={controlnet} is not a ControlNetModel folder (no config.json): point it to a local "
-                "diffusers ControlNet, or set model.controlnet=null to start one from the UNet"
+                f"model.sd_controlnet.controlnet={controlnet} is not a ControlNetModel folder (no config.json): "
+                "point it to a local diffusers ControlNet, or set model.sd_controlnet.controlnet=null to start one "
+                "from the UNet"
             )
         else:
             net = ControlNetModel.from_pretrained(controlnet)

@@ -42,11 +42,26 @@ def test_overrides_are_typed():
         ("train.precision=fp8", "train.precision='fp8' is not one of"),
         ("method.bank_ratio=1.0", r"method.bank_ratio=1.0 must be in \[0, 1\)"),
         ("model.class_init=copy", "model.class_init='copy' is not one of"),
+        ("model.control=depth", "config key 'model.control' is now 'model.sd_controlnet.control'"),
+        ("model.vae=/v", "config key 'model.vae' is now 'model.dit.vae'"),
+        (
+            "model.sd_controlnet.control=depth",
+            "model.sd_controlnet.control is set, but model.family=dit reads model.dit",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny_cpu", [*PATHS, override], REQUIRED)
+
+
+def test_each_family_reads_its_own_section():
+    sd = load_config("tiny_sd_cpu", [*PATHS, "model.sd_controlnet.control=depth"], REQUIRED)
+    assert sd.model.sd_controlnet.control == "depth" and sd.model.dit.vae is None
+    with pytest.raises(ConfigError, match="model.dit.clip_sample is set, but model.family=sd_controlnet reads"):
+        load_config("tiny_sd_cpu", [*PATHS, "model.dit.clip_sample=true"], REQUIRED)
+    edm = load_config("tiny_cpu", [*PATHS, "model.family=dit_edm", "model.dit.clip_sample=false"], REQUIRED)
+    assert edm.model.dit.clip_sample is False  # dit_edm reads the DiT section too
 
 
 def test_unknown_preset_lists_the_presets():

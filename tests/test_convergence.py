@@ -70,7 +70,7 @@ def tracker_for(tmp_path, control: str, images, controls, *overrides, start_step
     shards = tmp_path / "validation"
     if not shards.exists():
         validation_set(shards, images, controls)
-    cfg = load_config("tiny_sd_cpu", [f"model.control={control}", f"data.target={shards}", "eval.every=2",
+    cfg = load_config("tiny_sd_cpu", [f"model.sd_controlnet.control={control}", f"data.target={shards}", "eval.every=2",
                                       "eval.num_controls=3", *overrides])  # fmt: skip
     family = FakeFamily(images)
     run_dir = tmp_path / "run"
@@ -116,7 +116,9 @@ def test_depth_tracker_with_a_user_annotator_lower_is_better(tmp_path):
     annotator = f"{tmp_path / 'midas_stub.py'}:depth"
     images = np.stack([shape_image(np.random.default_rng(i)) for i in range(3)])
     controls = np.stack([annotator_for("depth", annotator)(image) for image in images])
-    tracker, family, run_dir = tracker_for(tmp_path, "depth", images, controls, f"model.annotator={annotator}")
+    tracker, family, run_dir = tracker_for(
+        tmp_path, "depth", images, controls, f"model.sd_controlnet.annotator={annotator}"
+    )
     lines, result = run_steps(tracker, family, run_dir, range(1, 5), follows_from=4)
     values = [m["convergence/mse"] for m in lines]
     assert values[0] > 0.04 and values[1] == pytest.approx(0.0, abs=1e-5)  # the paper's depth threshold: 0.04
@@ -124,7 +126,10 @@ def test_depth_tracker_with_a_user_annotator_lower_is_better(tmp_path):
 
 
 def test_non_canny_tracking_needs_an_annotator(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.control=seg has no built-in annotator: set model.annotator"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.sd_controlnet.control=seg has no built-in annotator: set model.sd_controlnet.annotator",
+    ):
         tracker_for(tmp_path, "seg", np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_annotator(str(tmp_path / "missing.py"))

@@ -103,8 +103,11 @@ def test_missing_folders_are_named(tiny_sd, tmp_path, capsys):  # noqa: F811
     (tmp_path / "half" / "unet").mkdir(parents=True)
     assert main(sd_train_args(tiny_sd, run, f"model.pretrained={tmp_path / 'half'}")) == 2
     assert "has no vae/, text_encoder/, tokenizer/, scheduler/" in capsys.readouterr().err
-    assert main(sd_train_args(tiny_sd, run, f"model.controlnet={tmp_path / 'no_controlnet'}")) == 2
-    assert f"model.controlnet={tmp_path / 'no_controlnet'} is not a ControlNetModel folder" in capsys.readouterr().err
+    assert main(sd_train_args(tiny_sd, run, f"model.sd_controlnet.controlnet={tmp_path / 'no_controlnet'}")) == 2
+    assert (
+        f"model.sd_controlnet.controlnet={tmp_path / 'no_controlnet'} is not a ControlNetModel folder"
+        in capsys.readouterr().err
+    )
     assert not run.exists()
 
 

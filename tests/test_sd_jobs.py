@@ -95,14 +95,16 @@ def test_bad_controls_are_named_before_any_work(captions, tiny_sd, tmp_path, pro
     elif problem == "hflip":
         overrides = ["prepare.hflip=true"]
     else:
-        overrides = ["model.control=depth"]
+        overrides = ["model.sd_controlnet.control=depth"]
     proc = run_entry("prepare_data.py", prepare_args(tiny_sd, root, tmp_path / "out", *overrides))
     assert proc.returncode == 2, proc.stderr
     expected = {
         "size": "sample given3.png (1 misfit in all): its control map is 60x64 but the image is 64x64",
         "channels": "sample given3.png (1 misfit in all): its control map has mode RGBA (4 channels)",
         "hflip": "prepare.hflip=true: ControlNet data is not flipped",
-        "no_annotator": "sample 0.png (4 in all) has no control map and model.control=depth has no built-in annotator",
+        "no_annotator": (
+            "sample 0.png (4 in all) has no control map and model.sd_controlnet.control=depth has no built-in annotator"
+        ),
     }[problem]
     assert expected in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written, so a fixed input reruns cleanly
@@ -111,7 +113,7 @@ def test_bad_controls_are_named_before_any_work(captions, tiny_sd, tmp_path, pro
 def test_segmentation_maps_from_a_user_annotator(tiny_sd, tmp_path):  # noqa: F811
     root = make_caption_folder(tmp_path / "captions", 3)
     (tmp_path / "segmenter.py").write_text(SEG_ANNOTATOR)
-    args = ["model.control=seg", f"model.annotator={tmp_path / 'segmenter.py'}:segment"]
+    args = ["model.sd_controlnet.control=seg", f"model.sd_controlnet.annotator={tmp_path / 'segmenter.py'}:segment"]
     assert_ok(run_entry("prepare_data.py", prepare_args(tiny_sd, root, tmp_path / "out", *args)))
     sample = ShardDataset(tmp_path / "out")[1]
     image, _ = load_image_and_control(root / "1.png", None, 64, nearest=True)

@@ -6,7 +6,7 @@ how to fix the problem.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,23 +27,43 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    family: str = "dit"
-    pretrained: str = ""  # local diffusers folder, or an original DiT `.pt` state dict
+class DiTModelConfig:
+    """model.dit: what the DiT families (dit, dit_edm) read."""
+
     vae: str | None = None  # local AutoencoderKL folder (for a `.pt` DiT, or to override the folder's own)
     num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
-    num_classes: int = 0  # K target classes; 0 keeps the pre-trained label space
-    class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows;
-    # grow: every pre-trained row kept, fresh rows appended (a continual stage adding classes)
-    ema_from: str | None = None  # a model folder whose weights start the EMA (continual stages carry it on)
-    # sd_controlnet: model.pretrained is a local diffusers Stable Diffusion 1.5 folder
+    clip_sample: bool | None = None  # DDIM clamps x0 to [-1, 1]; None: not for latent DiTs, the folder's for pixel ones
+    original_timestep_frequencies: bool = False  # DiT's 10000^(-i/128) timestep features (weights from DiT's .pt)
+
+
+@dataclass
+class SDControlNetModelConfig:
+    """model.sd_controlnet: what the Stable Diffusion 1.5 + ControlNet family reads (model.pretrained: an SD folder)."""
+
     controlnet: str | None = None  # local ControlNetModel folder; None starts one with ControlNetModel.from_unet
     control: str = "canny"  # canny | sketch | depth | normal | seg
     default_prompt: str = "a high-quality, detailed, and professional image"  # the null condition (bank, dropout)
     annotator: str | None = None  # path/to/module.py[:function] making control maps from images (non-canny)
     canny_thresholds: tuple[int, int] = (100, 200)  # Canny's low and high thresholds (ControlNet's defaults)
-    clip_sample: bool | None = None  # DDIM clamps x0 to [-1, 1]; None: not for latent DiTs, the folder's for pixel ones
-    original_timestep_frequencies: bool = False  # DiT's 10000^(-i/128) timestep features (weights from DiT's .pt)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dit"  # a key of models.FAMILIES; it reads its own section below (models.FAMILIES[...].settings)
+    pretrained: str = ""  # local diffusers folder, or an original DiT `.pt` state dict
+    num_classes: int = 0  # K target classes of a class-conditional family; 0 keeps the pre-trained label space
+    class_init: str = "reuse"  # reuse: rows 0..K-1 of the pre-trained table; fresh: new random rows;
+    # grow: every pre-trained row kept, fresh rows appended (a continual stage adding classes)
+    ema_from: str | None = None  # a model folder whose weights start the EMA (continual stages carry it on)
+    dit: DiTModelConfig = field(default_factory=DiTModelConfig)
+    sd_controlnet: SDControlNetModelConfig = field(default_factory=SDControlNetModelConfig)
+
+
+# Keys that moved into a family's own section: an old config naming them gets the new name in its error.
+MOVED_MODEL_KEYS = {
+    **{f"model.{k}": f"model.dit.{k}" for k in DiTModelConfig.__dataclass_fields__},
+    **{f"model.{k}": f"model.sd_controlnet.{k}" for k in SDControlNetModelConfig.__dataclass_fields__},
+}
 
 
 @dataclass
@@ -263,6 +283,9 @@ def load_config(config_path: str | None = None, overrides: list[str] = (), requi
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except (ConfigKeyError, ValidationError) as err:
         key = getattr(err, "full_key", None) or "?"
+        if key in MOVED_MODEL_KEYS:
+            moved = MOVED_MODEL_KEYS[key]
+            raise ConfigError(f"config key '{key}' is now '{moved}' (each family has its own section)") from None
         raise ConfigError(
             f"config key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}. "
             f"Valid keys are the fields of trainer/config.py (e.g. train.global_batch_size)."
@@ -280,6 +303,23 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {options}")
 
 
+def check_family_section(model: ModelConfig) -> None:
+    """A setting in the section of a family other than model.family would be ignored: refuse it."""
+    own = family_entry(model.family).settings
+    for section, schema in (("dit", DiTModelConfig), ("sd_controlnet", SDControlNetModelConfig)):
+        default = asdict(schema())
+        changed = [k for k, v in asdict(getattr(model, section)).items() if _plain(v) != _plain(default[k])]
+        if section != own and changed:
+            raise ConfigError(
+                f"model.{section}.{changed[0]} is set, but model.family={model.family} reads model.{own or '(none)'}: "
+                f"remove it, or set model.family to a family that reads model.{section}"
+            )
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def check_config(cfg: Config) -> None:
     """Cross-field rules that need no files and no world size."""
     _choice(cfg.model.family, tuple(FAMILIES), "model.family")
@@ -287,7 +327,10 @@ def check_config(cfg: Config) -> None:
         noise_process_class(family_entry(cfg.model.family).noise_process).check_settings(cfg.method, cfg.noise)
     except ValueError as err:
         raise ConfigError(f"model.family={cfg.model.family}: {err}") from None
-    _choice(cfg.model.control, ("canny", "sketch", "depth", "normal", "seg"), "model.control")
+    check_family_section(cfg.model)
+    _choice(
+        cfg.model.sd_controlnet.control, ("canny", "sketch", "depth", "normal", "seg"), "model.sd_controlnet.control"
+    )
     _choice(cfg.model.class_init, ("reuse", "fresh", "grow"), "model.class_init")
     _choice(cfg.data.verify, ("sha256", "size", "none"), "data.verify")
     _choice(cfg.data.format, ("wds", "mds"), "data.format")

@@ -202,9 +202,11 @@ def save_stage_model(export: Path, num_classes: int, out: Path) -> None:
 
 
 def _vae(stages: StagesFile, base: Config) -> list[str]:
-    """A stage model folder holds no VAE: later stages take the initial model's (or model.vae)."""
-    vae = base.model.vae or (Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None)
-    return [f"model.vae={vae}"] if vae else []
+    """A stage model folder holds no VAE: later stages take the initial model's (or model.dit.vae)."""
+    vae = base.model.dit.vae or (
+        Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None
+    )
+    return [f"model.dit.vae={vae}"] if vae else []
 
 
 def class_names(directory: str) -> list[str]:

@@ -70,13 +70,15 @@ class ConvergenceTracker:
         `start_step` (a resume re-evaluates the later ones)."""
         self.cfg, self.e, self.family = cfg, cfg.eval, family
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.metric = METRICS[cfg.model.control]
-        self.threshold = CONVERGENCE_THRESHOLDS[cfg.model.control] if self.e.threshold is None else self.e.threshold
-        self.annotate = annotator_for(cfg.model.control, cfg.model.annotator, tuple(cfg.model.canny_thresholds))
+        sd = cfg.model.sd_controlnet
+        self.metric = METRICS[sd.control]
+        self.threshold = CONVERGENCE_THRESHOLDS[sd.control] if self.e.threshold is None else self.e.threshold
+        self.annotate = annotator_for(sd.control, sd.annotator, tuple(sd.canny_thresholds))
         if self.annotate is None:
             raise ConfigError(
-                f"eval.every={self.e.every}: tracking convergence re-annotates generated images, and model.control="
-                f"{cfg.model.control} has no built-in annotator: set model.annotator=path/to/module.py[:function]"
+                f"eval.every={self.e.every}: tracking convergence re-annotates generated images, and "
+                f"model.sd_controlnet.control={cfg.model.sd_controlnet.control} has no built-in annotator: "
+                "set model.sd_controlnet.annotator=path/to/module.py[:function]"
             )
         key, folder = ("eval.data", self.e.data) if self.e.data else ("data.target", cfg.data.target)
         dataset = open_shard_set(folder, verify=cfg.data.verify)
@@ -140,7 +142,7 @@ class ConvergenceTracker:
         if grid is not None:
             log.images(step, grid, name="convergence")
         result = {
-            "control": self.cfg.model.control, "metric": self.metric, "threshold": self.threshold,
+            "control": self.cfg.model.sd_controlnet.control, "metric": self.metric, "threshold": self.threshold,
             "lower_is_better": self.metric in LOWER_IS_BETTER, "first_step": crossing, "history": self.history,
         }  # fmt: skip
         atomic_write_bytes(self.path, (json.dumps(result, indent=1) + "\n").encode())

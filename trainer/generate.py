@@ -113,8 +113,8 @@ def controlnet_bank_samples(
 
 def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, Callable]:
     """(fields, the settings that decide the samples' bytes, samples(indices, on_batch)) of the family's bank."""
-    bank, m = cfg.bank, cfg.model
-    if m.family != "sd_controlnet":
+    bank, m = cfg.bank, cfg.model.sd_controlnet
+    if cfg.model.family != "sd_controlnet":
         denoiser = family.denoiser.to(device).eval()
         settings = {
             "weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition,
@@ -125,8 +125,8 @@ def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, 
     annotate = annotator_for(m.control, m.annotator, tuple(m.canny_thresholds))
     if annotate is None:
         raise ConfigError(
-            f"model.control={m.control}: the bank's controls are annotated from its generated images and "
-            f"{m.control} has no built-in annotator: set model.annotator=path/to/module.py[:function]"
+            f"model.sd_controlnet.control={m.control}: the bank's controls are annotated from its generated images and "
+            f"{m.control} has no built-in annotator: set model.sd_controlnet.annotator=path/to/module.py[:function]"
         )
     family.place_frozen(device)
     prompts = list(bank.prompts) or [m.default_prompt]

@@ -244,18 +244,18 @@ def write_report(
 def _prepare_controlnet_data(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     """Writes latents, caption tokens and 3-channel control maps (given, or annotated at the training resolution).
     No flipped views: a flipped image needs its flipped control, and captions may say left or right."""
-    prepare, directory = cfg.prepare, Path(cfg.data.target)
+    prepare, directory, sd = cfg.prepare, Path(cfg.data.target), cfg.model.sd_controlnet
     if prepare.hflip:
         raise ConfigError("prepare.hflip=true: ControlNet data is not flipped (the control and caption would not "
                           "follow); set prepare.hflip=false (the sd15 presets do)")  # fmt: skip
     listing = list_caption_folder(prepare.images)
-    annotate = annotator_for(cfg.model.control, cfg.model.annotator, tuple(cfg.model.canny_thresholds))
+    annotate = annotator_for(sd.control, sd.annotator, tuple(sd.canny_thresholds))
     unannotated = [entry["image"] for entry in listing.entries if entry["control"] is None]
     if unannotated and annotate is None:
         raise ValueError(
             f"{listing.index}: sample {unannotated[0]} ({len(unannotated)} in all) has no control map and "
-            f'model.control={cfg.model.control} has no built-in annotator: give a "control" on every line, or '
-            "set model.annotator=path/to/module.py[:function]"
+            f"model.sd_controlnet.control={sd.control} has no built-in annotator: give a "
+            '"control" on every line, or set model.sd_controlnet.annotator=path/to/module.py[:function]'
         )
     family = load_family(cfg)
     check_resolution(family, prepare.resolution)
@@ -267,8 +267,8 @@ def _prepare_controlnet_data(cfg: Config, rank: int, world: int, device: torch.d
         why = check_control(listing.root / entry["image"], listing.root / entry["control"])
         raise ValueError(f"{listing.index}: sample {entry['image']} ({len(misfit)} misfit in all): {why}")
     job = {
-        "kind": "target", "files_sha256": caption_listing_sha256(listing), "control": cfg.model.control,
-        "annotator": cfg.model.annotator, "canny_thresholds": list(cfg.model.canny_thresholds),
+        "kind": "target", "files_sha256": caption_listing_sha256(listing), "control": sd.control,
+        "annotator": sd.annotator, "canny_thresholds": list(sd.canny_thresholds),
         "encoder_sha256": state_sha256(family.vae), "null_tokens": family.null_tokens.tolist(),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "seed")},
@@ -314,7 +314,10 @@ def controlnet_samples(
     device: torch.device, on_batch: Callable[[int], None],
 ) -> Iterator[dict]:  # fmt: skip
     """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
-    prepare, nearest = cfg.prepare, cfg.model.control == "seg"  # segmentation values are labels: never blend them
+    prepare, nearest = (
+        cfg.prepare,
+        cfg.model.sd_controlnet.control == "seg",
+    )  # segmentation values are labels: never blend them
     background = parse_background(prepare.background)
     for first in range(indices.start, indices.stop, prepare.batch_size):
         batch = [entries[i] for i in range(first, min(first + prepare.batch_size, indices.stop))]

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from data.formats import open_shard_set
 from data.sampler import TARGET, GlobalBatchPlanner
 from data.shards import ShardDataset
-from models import family_class, family_entry
+from models import family_entry
 from models.dit_weights import copy_into_parameter
 from models.tuning import TuningMethod, describe, tuning_method
 from trainer.config import Config, ConfigError, gradient_accumulation_steps, plan_settings, to_yaml
@@ -29,22 +30,16 @@ def load_family(cfg: Config, num_classes: int | None = None, *, training: bool =
     and train.compile to the denoiser. TF32 (train.tf32) is set for every job.
     """
     set_tf32(cfg.train.tf32)
-    m = cfg.model
-    if m.family == "sd_controlnet":
-        family = family_class(m.family).from_pretrained(
-            m.pretrained, controlnet=m.controlnet, default_prompt=m.default_prompt, seed=cfg.train.seed
-        )
-    else:
-        build_context, load_parameter = (
-            zero3_build(cfg) if training and cfg.train.zero_stage == 3 else (nullcontext, copy_into_parameter)
-        )
-        continuous = {"noise": cfg.noise} if family_entry(m.family).noise_process != "ddpm" else {}
-        family = family_class(m.family).from_pretrained(
-            m.pretrained, vae=m.vae, num_classes=m.num_classes if num_classes is None else num_classes,
-            class_init=m.class_init, num_attention_heads=m.num_attention_heads, seed=cfg.train.seed,
-            clip_sample=m.clip_sample, original_timestep_frequencies=m.original_timestep_frequencies,
-            build_context=build_context, load_parameter=load_parameter, **continuous,
-        )  # fmt: skip
+    m, entry = cfg.model, family_entry(cfg.model.family)
+    build_context, load_parameter = (
+        zero3_build(cfg) if training and cfg.train.zero_stage == 3 else (nullcontext, copy_into_parameter)
+    )
+    settings = asdict(getattr(m, entry.settings)) if entry.settings else {}  # the family's own section
+    continuous = {"noise": cfg.noise} if entry.noise_process != "ddpm" else {}
+    family = entry.load().from_pretrained(
+        m.pretrained, num_classes=m.num_classes if num_classes is None else num_classes, class_init=m.class_init,
+        seed=cfg.train.seed, build_context=build_context, load_parameter=load_parameter, **settings, **continuous,
+    )  # fmt: skip
     if training and cfg.train.activation_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     if training and cfg.train.compile:

@@ -99,7 +99,7 @@ def check_stages(stages: StagesFile) -> None:
     base = stage_config(stages, 0, [])
     if base.model.family != "dit":
         raise ConfigError(f"model.family={base.model.family}: continual runs support model.family=dit for now")
-    shape = model_sample_shape(stages.pretrained, base.model.num_attention_heads)
+    shape = model_sample_shape(stages.pretrained, base.model.dit.num_attention_heads)
     known: set[str] = set()  # the class names of the targets so far: the table a held-out set is sampled from
     for number, stage in enumerate(stages.stages):
         key = f"stages[{number}]"
