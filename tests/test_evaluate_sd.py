@@ -185,13 +185,18 @@ def other_resolution_shards(folder: Path) -> Path:
         (["eval.data={tiny_target}"], "lack the field(s) ['tokens', 'control'] that model.family=sd_controlnet"),
         (["eval.data={other}"], "its samples 'x' have shape (4, 16, 16) but the model samples (4, 8, 8)"),
         (["eval.model={root}"], "is neither a ControlNet folder (config.json), a Stable Diffusion folder"),
+        (["eval.reference={flat}"], "has no class subfolders: put each class's images in root/<class>/"),
     ],
 )
 def test_bad_sd_evaluation_inputs_are_named(sd_kit, tiny, tmp_path, overrides, message):
-    paths = {"tiny_target": tiny["target"], "other": tmp_path / "other", "root": sd_kit["root"]}
+    paths = {"tiny_target": tiny["target"], "root": sd_kit["root"]} | {k: tmp_path / k for k in ("other", "flat")}
     if any("{other}" in o for o in overrides):
         other_resolution_shards(paths["other"])
+    if any("{flat}" in o for o in overrides):  # images with no class subfolder: not an ImageFolder
+        paths["flat"].mkdir()
+        Image.new("RGB", (64, 64)).save(paths["flat"] / "image.png")
     args = sd_args(sd_kit, tmp_path / "eval", *(o.format(**paths) for o in overrides))
-    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as raised:
         evaluate_in_process(args)
+    assert any(o.split("=")[0] + "=" in str(raised.value) for o in overrides), "the message names the key"
     assert not (tmp_path / "eval" / "samples").exists()

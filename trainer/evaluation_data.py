@@ -51,7 +51,10 @@ def open_image_set(path: str, family, image_size: int, key: str = "eval.referenc
             f"{key}={path} is not a folder: point it to shards (with {MANIFEST_NAME}) or an ImageFolder"
         )
     if not (folder / MANIFEST_NAME).is_file():
-        listing = list_image_folder(folder)
+        try:
+            listing = list_image_folder(folder)
+        except ValueError as err:  # its messages name the prepare job's key
+            raise ValueError(str(err).replace("prepare.images", key)) from None
         digest = hashlib.sha256(f"{image_size}\n".encode())
         for name, label in listing.files:
             digest.update(f"{label}\t{name}\t{(folder / name).stat().st_size}\n".encode())
