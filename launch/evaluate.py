@@ -1,11 +1,16 @@
 """Evaluate a model folder or a run: `deepspeed launch/evaluate.py --config X eval.model=/run eval.reference=/real
 eval.out=/out eval.inception=/path/pt_inception-2015-12-05-6726825d.pth [eval.mode=metrics ...]`.
 
+SD 1.5 + ControlNet (a config with model.family=sd_controlnet and model.pretrained=<SD folder>): eval.model is the
+run or its exported ControlNet, and eval.data=<shards of launch/prepare_data.py> gives the prompts and control maps
+(sample i takes entry i mod N); guidance is against the empty prompt with the control kept, as the pipeline's.
+
 Modes (eval.mode): metrics (FID, sFID, KID, precision/recall of eval.num_samples samples against the reference;
-defaults FID-10K, DDIM-50, CFG 1.5), replacement (the last p% of the reverse steps by eval.pretrained, for each p of
-eval.handover), denoising (ε-MSE by noise level of eval.models on held-out target shards and on data.bank), drift
-(L2-EWC of eval.model from eval.pretrained). Every rank samples the shards it owns; a rerun with the same settings
-redoes only what is missing. Also runs as a single process (`python launch/evaluate.py ...`) and under torchrun/srun.
+defaults FID-10K, DDIM-50, CFG 1.5), replacement (DiT: the last p% of the reverse steps by eval.pretrained, for each
+p of eval.handover), denoising (ε-MSE by noise level of eval.models on held-out target shards and on data.bank),
+drift (L2-EWC of eval.model from eval.pretrained; a ControlNet's by default from where its training started).
+Every rank samples the shards it owns; a rerun with the same settings redoes only what is missing. Also runs as a
+single process (`python launch/evaluate.py ...`) and under torchrun/srun.
 """
 
 from __future__ import annotations

@@ -190,8 +190,9 @@ class EvalConfig:
     seed: int = 0
     threshold: float | None = None  # None: the paper's threshold for model.control
     blur_sigma: float = 2.0  # Gaussian blur (pixels) of edges and sketches before SSIM
-    # launch/evaluate.py (trainer/evaluation.py) also reads eval.batch_size (sampling and feature batches) and
-    # eval.seed (sample i's class and noise come from (eval.seed, i)).
+    # launch/evaluate.py (trainer/evaluation.py) also reads eval.batch_size (sampling and feature batches),
+    # eval.seed (sample i's class and noise come from (eval.seed, i)) and, for sd_controlnet, eval.data (required
+    # there: the prepared shards whose prompt and control sample i takes, entry i mod N).
     mode: str = "metrics"  # metrics | replacement | denoising | drift
     model: str = ""  # a diffusers folder, or a run directory (its export/ema is evaluated)
     reference: str = ""  # shard directory or ImageFolder of real images (denoising: held-out target shards)

@@ -1,8 +1,10 @@
 """Distributed evaluation of a model folder or run (launch/evaluate.py): sample metrics and the forgetting analyses.
 
 eval.mode=metrics samples eval.num_samples images on every rank and compares them with eval.reference (FID, sFID,
-KID, precision/recall); replacement hands the last p% of the reverse steps to eval.pretrained (the chain of
-forgetting) and gives the metrics per p; denoising and drift are in trainer/evaluation_analyses.py.
+KID, precision/recall): a class-conditional family (DiT) samples its classes in turn, any other (SD + ControlNet)
+takes the prompt and control map of entry i mod N of eval.data for sample i. replacement hands the last p% of the
+reverse steps to eval.pretrained (the chain of forgetting) and gives the metrics per p (DiT); denoising and drift
+are in trainer/evaluation_analyses.py.
 Everything lands in eval.out: results JSON, a printed table, sample grids and plots (rank 0).
 """
 
@@ -16,15 +18,57 @@ import torch
 from PIL import Image
 
 from data.files import atomic_write_bytes
+from models import family_class
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation_data import ImageSet, image_size_of, open_image_set, reference_features, set_features
+from trainer.evaluation_data import (
+    ImageSet,
+    image_maps,
+    image_size_of,
+    open_condition_set,
+    open_image_set,
+    reference_features,
+    set_features,
+)
 from trainer.evaluation_features import all_metrics, check_feature_source, load_extractor
 from trainer.evaluation_sampling import SAMPLERS, Denoiser, load_model, write_sample_set
 from trainer.metrics import image_grid
 
 MODES = ("metrics", "replacement", "denoising", "drift")
 METRIC_NAMES = ("fid", "sfid", "kid", "precision", "recall")
+EVALUATED_FAMILIES = ("dit", "sd_controlnet")
+
+
+def takes_eval_set(cfg: Config) -> bool:
+    """A class-conditional family samples its classes in turn; any other takes its conditions from eval.data."""
+    return tuple(family_class(cfg.model.family).condition_fields) != ("label",)
+
+
+def check_conditioned_config(cfg: Config) -> None:
+    """The rules for a family whose samples take their conditions from an evaluation set (SD + ControlNet)."""
+    ev, family = cfg.eval, cfg.model.family
+    if ev.mode == "replacement":
+        raise ConfigError(
+            f"eval.mode=replacement is not available for model.family={family}: the chain of forgetting switches "
+            "models between reverse steps, and this family samples whole runs only (family.sample, with its own "
+            "guidance against the empty prompt); compare the ControlNets with eval.mode=metrics, denoising or drift"
+        )
+    if ev.sampler != "ddim":
+        raise ConfigError(
+            f"eval.sampler={ev.sampler}: model.family={family} samples with its own DDIM sampler (as its bank, its "
+            "previews and the pipeline's default): set eval.sampler=ddim"
+        )
+    if not cfg.model.pretrained:
+        raise ConfigError(
+            f"model.pretrained must be set for model.family={family}: the Stable Diffusion folder whose UNet, VAE and "
+            "text encoder the evaluated ControlNet runs with (the one it was trained with)"
+        )
+    if ev.mode == "metrics" and not ev.data:
+        raise ConfigError(
+            f"eval.data must be set for eval.mode=metrics with model.family={family}: shards prepared by "
+            "launch/prepare_data.py (held-out images, captions and control maps) whose prompts and controls the "
+            "samples take, e.g. eval.data=/data/val_shards"
+        )
 
 
 def check_eval_config(cfg: Config) -> None:
@@ -32,12 +76,18 @@ def check_eval_config(cfg: Config) -> None:
     ev = cfg.eval
     if ev.mode not in MODES:
         raise ConfigError(f"eval.mode={ev.mode!r} is not one of {MODES}")
-    if cfg.model.family != "dit":
-        raise ConfigError("launch/evaluate.py evaluates model.family=dit models for now (sd_controlnet: not yet)")
+    if cfg.model.family not in EVALUATED_FAMILIES:
+        raise ConfigError(
+            f"launch/evaluate.py evaluates model.family in {EVALUATED_FAMILIES} (model.family={cfg.model.family}: "
+            "not yet)"
+        )
     if not ev.out:
         raise ConfigError("eval.out must be set: the folder of the samples, results and plots, e.g. eval.out=runs/eval")
     needs = {"metrics": ("model", "reference"), "replacement": ("model", "reference", "pretrained"),
              "denoising": ("models", "reference"), "drift": ("model", "pretrained")}[ev.mode]  # fmt: skip
+    if takes_eval_set(cfg):
+        check_conditioned_config(cfg)
+        needs = tuple(key for key in needs if key != "pretrained")  # drift: from where training started by default
     missing = [f"eval.{key}" for key in needs if not getattr(ev, key)]
     if missing:
         raise ConfigError(f"eval.mode={ev.mode} needs {', '.join(missing)} set, e.g. `{missing[0]}=/path/to/...`")
@@ -84,18 +134,25 @@ def handover_steps(share: float, num_steps: int) -> int:
 def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
     ev, out = cfg.eval, Path(cfg.eval.out)
     extractor = load_extractor(ev, device)
-    family, denoiser = load_model(ev.model, "eval.model", device)
+    family, denoiser = load_model(cfg, ev.model, "eval.model", device)
     size = image_size_of(family)
+    conditions = None
+    if takes_eval_set(cfg):
+        conditions = open_condition_set(ev.data, family, size, "eval.data", cfg.data.verify)
     reference = open_image_set(ev.reference, family, size, verify=cfg.data.verify)
     settings = {
         "num_samples": ev.num_samples, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
-        "num_classes": class_count(cfg, family, reference), "sampler": ev.sampler, "num_steps": ev.sample_steps,
-        "guidance_scale": ev.cfg_scale, "seed": ev.seed, "sample_shape": list(family.sample_shape),
+        "sampler": ev.sampler, "num_steps": ev.sample_steps, "guidance_scale": ev.cfg_scale, "seed": ev.seed,
+        "sample_shape": list(family.sample_shape),
     }  # fmt: skip
+    if conditions is None:
+        settings["num_classes"] = class_count(cfg, family, reference)
+    else:  # the samples' bytes depend on the evaluation set: another one is refused in the same eval.out
+        settings |= {"eval_data_sha256": conditions.fingerprint, "num_eval_entries": len(conditions)}
     fine_tuned = Denoiser(family, denoiser, lambda labels: labels)
     chains = {None: [(fine_tuned, ev.sample_steps)]}
     if ev.mode == "replacement":
-        pre_family, pre_denoiser = load_model(ev.pretrained, "eval.pretrained", device)
+        pre_family, pre_denoiser = load_model(cfg, ev.pretrained, "eval.pretrained", device)
         if tuple(pre_family.sample_shape) != tuple(family.sample_shape):
             raise ConfigError(
                 f"eval.pretrained samples {pre_family.sample_shape} but eval.model {family.sample_shape}: "
@@ -115,13 +172,16 @@ def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> 
     for share, chain in chains.items():
         name = "samples" if share is None else f"handover_{round(100 * share):03d}"
         chain = [(model, steps) for model, steps in chain if steps > 0]
-        folder = write_sample_set(out / name, chain, settings, rank=rank, world=world, device=device, log=say)
+        folder = write_sample_set(
+            out / name, chain, settings, rank=rank, world=world, device=device, log=say, conditions=conditions
+        )
         samples = open_image_set(str(folder), family, size, key="eval.out", verify="size")
         fake = set_features(samples, extractor, size, ev.batch_size, rank, world, device)
         if rank == 0:
             rows[name] = {"handover": share, **all_metrics(real, fake, ev)}
-            write_grid(samples, ev.grid_images, out / f"grid_{name}.png")
+            write_grid(samples, ev.grid_images, out / f"grid_{name}.png", grid_controls(conditions, ev.grid_images))
     results = {"mode": ev.mode, "model": ev.model, "pretrained": ev.pretrained, "reference": ev.reference,
+               "data": ev.data if conditions is not None else None,
                "features": ev.inception or ev.feature_net, "num_reference": reference.num_images, **settings,
                "results": rows}  # fmt: skip
     if rank == 0:
@@ -140,11 +200,22 @@ def metrics_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_grid(images: ImageSet, num_images: int, path: Path, min_side: int = 64) -> None:
-    """The first samples, nearest-upscaled so that a 16 px sample shows at least `min_side` px wide."""
+def grid_controls(conditions, num_images: int) -> list[torch.Tensor]:
+    """The image-like conditions (control maps) of the first samples, shown beside them in the grid."""
+    if conditions is None or num_images <= 0:
+        return []
+    return image_maps(conditions.read([conditions.entry_of(i) for i in range(num_images)]))
+
+
+def write_grid(
+    images: ImageSet, num_images: int, path: Path, beside: list[torch.Tensor] = (), min_side: int = 64
+) -> None:
+    """The first samples (each right of its `beside` images: its control), nearest-upscaled so that a 16 px sample
+    shows at least `min_side` px wide."""
     if num_images <= 0:
         return
     batch = images.read(range(min(num_images, images.num_images)))
+    batch = torch.cat([*(maps[: len(batch)] for maps in beside), batch], dim=-1)
     grid = Image.fromarray(image_grid(batch.float() / 127.5 - 1, columns=math.ceil(math.sqrt(len(batch)))))
     scale = max(1, math.ceil(min_side / batch.shape[-1]))
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)

@@ -1,9 +1,12 @@
 """The forgetting analyses without sampling: denoising error by noise level, and parameter drift (L2-EWC).
 
 Denoising error: every model sees the same noisy inputs (sample i's timestep in each band and its noise come from
-(eval.seed, i, band)), held-out target images with their class and bank samples with the null class, spread over
+(eval.seed, i, band)), held-out target samples with their own condition (DiT: class; SD + ControlNet: caption and
+control) and bank samples with the null condition (the null class; the default prompt, control kept), spread over
 the ranks like the features are. Drift: sum (theta - theta_pre)^2 over the parameters both models share, in total
-and per block; label tables are reported apart, as a transfer's label rows need not mean the same classes.
+and per block; label tables are reported apart, as a transfer's label rows need not mean the same classes. For
+SD + ControlNet both are about the ControlNet, the module that trains; drift is measured by default from where
+training started (model.controlnet, else the ControlNet `from_unet` makes of model.pretrained).
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.files import atomic_write_bytes
-from data.formats import open_shard_set
 from data.shard_jobs import derived_seed, owned_shards, shard_ranges
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation_data import FEATURE_CHUNK
+from trainer.evaluation_data import FEATURE_CHUNK, image_size_of, open_condition_set, read_fields
 from trainer.evaluation_sampling import load_model
 from trainer.loss import NoiseSchedule
 
@@ -48,15 +49,16 @@ def denoising_errors(
     for j in owned_shards(len(chunks), rank, world):
         for start in range(chunks[j].start, chunks[j].stop, batch_size):
             batch = range(start, min(start + batch_size, chunks[j].stop))
-            items = [dataset[i] for i in batch]
-            x0 = torch.from_numpy(np.stack([item["x"] for item in items])).float().to(device)
-            labels = torch.tensor([family.null_condition if null_labels else item["label"] for item in items])
+            fields = read_fields(dataset, batch, ("x", *family.condition_fields))
+            x0 = fields.pop("x").float().to(device)
+            null = torch.full((len(batch),), null_labels, dtype=torch.bool)  # on the host: the family reads it there
+            condition = family.condition({name: v.to(device) for name, v in fields.items()}, null)
             for b, (low, high) in enumerate(bands):
                 generators = [torch.Generator().manual_seed(derived_seed(seed, i, b)) for i in batch]
                 t = torch.tensor([int(torch.randint(low, high, (1,), generator=g)) for g in generators])
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(device)
-                t, labels_d = t.to(device), labels.to(device)
-                epsilon = family.predict(model, schedule.add_noise(x0, noise, t), t, labels_d)[:, : x0.shape[1]]
+                t = t.to(device)
+                epsilon = family.predict(model, schedule.add_noise(x0, noise, t), t, condition)[:, : x0.shape[1]]
                 errors[batch.start : batch.stop, b] = ((epsilon - noise) ** 2).flatten(1).mean(1).double()
     return distributed.all_reduce_sum(errors).mean(0).tolist()
 
@@ -70,11 +72,17 @@ def denoising_mode(cfg: Config, rank: int, world: int, device: torch.device) -> 
     sets = {"target": (ev.reference, False)}
     if cfg.data.bank:
         sets["bank"] = (cfg.data.bank, True)
-    datasets = {name: open_shard_set(path, verify=cfg.data.verify) for name, (path, _) in sets.items()}
     models = named_models(list(ev.models))
     errors: dict[str, dict[str, list[float]]] = {}
+    datasets = {}
     for name, path in models.items():
-        family, model = load_model(path, "eval.models", device)
+        family, model = load_model(cfg, path, "eval.models", device)
+        if not datasets:  # checked against the first model: every model of the comparison samples the same space
+            keys = {"target": "eval.reference", "bank": "data.bank"}
+            datasets = {
+                domain: open_condition_set(folder, family, image_size_of(family), keys[domain], cfg.data.verify, True)
+                .dataset for domain, (folder, _) in sets.items()
+            }  # fmt: skip
         if edges[-1] > len(family.betas()):
             raise ConfigError(f"eval.bands ends at {edges[-1]} but {path} has {len(family.betas())} timesteps")
         errors[name] = {
@@ -90,7 +98,7 @@ def denoising_mode(cfg: Config, rank: int, world: int, device: torch.device) -> 
     if rank == 0:
         atomic_write_bytes(out / "denoising.json", (json.dumps(results, indent=2) + "\n").encode())
         for domain in sets:
-            condition = "null class" if sets[domain][1] else "own class"
+            condition = "null condition" if sets[domain][1] else "own condition"
             print(f"\nε-MSE on {domain} ({condition}), by noise level")
             print(f"{'model':16}" + "".join(f"{band:>12}" for band in labels))
             for name in models:
@@ -146,11 +154,17 @@ def parameter_drift(model: torch.nn.Module, pretrained: torch.nn.Module) -> dict
     return {"l2_ewc": total, "groups": dict(groups), "label_tables": label_tables, "not_compared": skipped}
 
 
+def drift_start(cfg: Config) -> str:
+    """What drift is measured from: eval.pretrained; for SD + ControlNet by default where training started (the
+    ControlNet of model.controlnet, else the one `from_unet` makes of model.pretrained, seeded with train.seed)."""
+    return cfg.eval.pretrained or cfg.model.controlnet or cfg.model.pretrained
+
+
 def drift_mode(cfg: Config, rank: int, world: int, device: torch.device) -> dict:
-    ev = cfg.eval
-    _, model = load_model(ev.model, "eval.model", torch.device("cpu"))
-    _, pretrained = load_model(ev.pretrained, "eval.pretrained", torch.device("cpu"))
-    results = {"mode": "drift", "model": ev.model, "pretrained": ev.pretrained, **parameter_drift(model, pretrained)}
+    ev, start = cfg.eval, drift_start(cfg)
+    _, model = load_model(cfg, ev.model, "eval.model", torch.device("cpu"))
+    _, pretrained = load_model(cfg, start, "eval.pretrained", torch.device("cpu"))
+    results = {"mode": "drift", "model": ev.model, "pretrained": start, **parameter_drift(model, pretrained)}
     if rank == 0:
         atomic_write_bytes(Path(ev.out) / "drift.json", (json.dumps(results, indent=2) + "\n").encode())
         print(f"{'parameters':28}{'L2-EWC':>14}")

@@ -1,4 +1,5 @@
-"""Image sets for the metrics (sample shards, reference shards or an ImageFolder) and their features.
+"""Image sets for the metrics (sample shards, reference shards or an ImageFolder) and their features; the
+evaluation sets whose conditions (prompt tokens, control maps) the samples of a non-class-conditional family take.
 
 Every rank extracts the features of the chunks it owns, in batches cut at fixed offsets, and the rows are
 combined with one all-reduce (each row is written by exactly one rank, the others add zeros), so every rank
@@ -50,7 +51,10 @@ def open_image_set(path: str, family, image_size: int, key: str = "eval.referenc
             f"{key}={path} is not a folder: point it to shards (with {MANIFEST_NAME}) or an ImageFolder"
         )
     if not (folder / MANIFEST_NAME).is_file():
-        listing = list_image_folder(folder)
+        try:
+            listing = list_image_folder(folder)
+        except ValueError as err:  # its messages name the prepare job's key
+            raise ValueError(str(err).replace("prepare.images", key)) from None
         digest = hashlib.sha256(f"{image_size}\n".encode())
         for name, label in listing.files:
             digest.update(f"{label}\t{name}\t{(folder / name).stat().st_size}\n".encode())
@@ -76,6 +80,73 @@ def open_image_set(path: str, family, image_size: int, key: str = "eval.referenc
         return to_uint8(x if family.vae is None else family.decode(x).cpu())
 
     return ImageSet(len(dataset), read_shards, manifest_sha, dataset.manifest.meta.get("classes"))
+
+
+def read_fields(dataset, indices: list[int] | range, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{field: tensor stacked over `indices`} of a shard set (labels, tokens, uint8 HWC controls, latents)."""
+    items = [dataset[i] for i in indices]
+    return {name: torch.from_numpy(np.stack([np.asarray(item[name]) for item in items])) for name in names}
+
+
+@dataclass
+class ConditionSet:
+    """An evaluation set of prepared shards (eval.data): sample i takes the conditions of entry i mod its length."""
+
+    dataset: object
+    fields: tuple[str, ...]  # the family's condition fields
+    fingerprint: str  # the manifest's sha256: the samples' bytes depend on it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def entry_of(self, index: int) -> int:
+        return index % len(self.dataset)
+
+    def read(self, entries: list[int] | range) -> dict[str, torch.Tensor]:
+        return read_fields(self.dataset, entries, self.fields)
+
+
+def open_condition_set(path: str, family, image_size: int, key: str, verify: str, need_x: bool = False):
+    """Prepared shards that hold the family's condition fields (and the clean samples 'x' if `need_x`), checked
+    against the model: 'x' of its sample shape, image-like fields (uint8 H x W x 3) at its image size."""
+    folder = Path(path)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"{key}={path} holds no shard set ({MANIFEST_NAME}): point it to shards written by launch/prepare_data.py "
+            "with this model's config"
+        )
+    dataset = open_shard_set(folder, verify=verify)
+    needed = (*family.condition_fields, "x") if need_x else tuple(family.condition_fields)
+    missing = [name for name in needed if name not in dataset.manifest.fields]
+    if missing:
+        raise ValueError(
+            f"{key}={path}: its shards lack the field(s) {missing} that model.family={family.name} needs "
+            f"({list(needed)}; they hold {sorted(dataset.manifest.fields)}): prepare them with launch/prepare_data.py "
+            "and this model's config"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{key}={path} holds no samples")
+    first = dataset[0]
+    if "x" in dataset.manifest.fields and tuple(np.shape(first["x"])) != tuple(family.sample_shape):
+        raise ValueError(
+            f"{key}={path}: its samples 'x' have shape {tuple(np.shape(first['x']))} but the model samples "
+            f"{tuple(family.sample_shape)}: prepare the set at the model's resolution (prepare.resolution={image_size})"
+        )
+    for name in family.condition_fields:
+        shape = np.shape(first[name])
+        if len(shape) == 3 and shape[-1] == 3 and tuple(shape[:2]) != (image_size, image_size):
+            raise ValueError(
+                f"{key}={path}: its '{name}' maps are {shape[0]}x{shape[1]} px but the model makes {image_size}x"
+                f"{image_size} px images: prepare the set at the model's resolution (prepare.resolution={image_size})"
+            )
+    manifest_sha = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+    return ConditionSet(dataset, tuple(family.condition_fields), manifest_sha)
+
+
+def image_maps(fields: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The image-like condition fields (uint8 N x H x W x 3, e.g. control maps) as uint8 NCHW, for the grids."""
+    maps = [v for v in fields.values() if v.dtype == torch.uint8 and v.ndim == 4 and v.shape[-1] == 3]
+    return [v.permute(0, 3, 1, 2).contiguous() for v in maps]
 
 
 def image_size_of(family) -> int:

@@ -1,15 +1,18 @@
 """Samples for evaluation, written as a restartable shard set by every rank (the bank job's machinery).
 
-Sample i's class (classes in turn: class-balanced) and initial noise depend only on (eval.seed, i), and batches
-are cut at fixed offsets inside each shard, so the same images come out of 1 rank or 64, and a killed run
-redoes only its incomplete shards. A second model can take over the last reverse steps (the replacement curve).
+Sample i's condition and initial noise depend only on (eval.seed, i): a class-conditional family samples its
+classes in turn (class-balanced); any other family (SD + ControlNet) takes the prompt and control of entry
+i mod N of an evaluation set (eval.data) and samples with its own sampler (`family.sample`). Batches are cut at
+fixed offsets inside each shard, so the same images come out of 1 rank or 64, and a killed run redoes only its
+incomplete shards. A second model can take over the last reverse steps (the replacement curve).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,10 +30,12 @@ from data.shard_jobs import (
 from data.shards import ShardError
 from models import family_class
 from trainer import distributed
-from trainer.config import ConfigError
+from trainer.config import Config, ConfigError
+from trainer.evaluation_data import ConditionSet, to_uint8
 from trainer.generate import state_sha256
 
 SAMPLE_FIELDS = {"image": "png", "label": "cls", "meta": "json"}
+CONDITIONED_SAMPLE_FIELDS = {"image": "png", "meta": "json"}  # the entry's conditions stay in eval.data
 SAMPLERS = ("ddim", "dpm++")
 
 
@@ -44,9 +49,29 @@ def resolve_model(path: str, key: str) -> Path:
     return folder
 
 
-def load_model(path: str, key: str, device: torch.device):
-    """(family, denoiser on `device` in eval mode) of a model folder, keeping its label space."""
-    family = family_class("dit").from_pretrained(str(resolve_model(path, key)))
+def load_model(cfg: Config, path: str, key: str, device: torch.device):
+    """(family, denoiser on `device` in eval mode) of a model folder or run. DiT keeps the folder's label space.
+    sd_controlnet: `path` is a ControlNet folder (the export of a run), used with the SD parts of model.pretrained;
+    or a Stable Diffusion folder, whose ControlNet is the one training starts from without model.controlnet
+    (`ControlNetModel.from_unet`, seeded with train.seed); or a saved StableDiffusionControlNetPipeline."""
+    folder = resolve_model(path, key)
+    if cfg.model.family == "dit":
+        family = family_class("dit").from_pretrained(str(folder))
+    else:
+        from trainer.setup import load_family
+
+        if (folder / "controlnet" / "config.json").is_file():
+            model = replace(cfg.model, pretrained=str(folder), controlnet=str(folder / "controlnet"))
+        elif (folder / "unet").is_dir():
+            model = replace(cfg.model, pretrained=str(folder), controlnet=None)
+        elif (folder / "config.json").is_file():
+            model = replace(cfg.model, controlnet=str(folder))
+        else:
+            raise FileNotFoundError(
+                f"{key}={path} is neither a ControlNet folder (config.json), a Stable Diffusion folder (unet/) nor a "
+                "run directory (export/ema/): point it to the exported ControlNet of a run, or to the run itself"
+            )
+        family = load_family(replace(cfg, model=model))
     family.place_frozen(device)
     return family, family.denoiser.to(device).eval()
 
@@ -104,24 +129,58 @@ def sample_images(
 
 
 def sample_start(seed: int, index: int, num_classes: int, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
-    """Class (in turn) and initial noise of evaluation sample `index`."""
+    """Class, or evaluation-set entry (in turn), and initial noise of evaluation sample `index`."""
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(derived_seed(seed, index)))
     return index % num_classes, noise
 
 
+def frozen_parts_sha256(family, denoiser: torch.nn.Module) -> str:
+    """Fingerprint of the modules a family holds besides the denoiser (VAE, frozen UNet, text encoder): they
+    decide the samples' bytes too."""
+    modules = sorted((name, m) for name, m in vars(family).items() if isinstance(m, torch.nn.Module))
+    parts = "".join(f"{name}:{state_sha256(m)}" for name, m in modules if m is not denoiser)
+    return hashlib.sha256(parts.encode()).hexdigest()
+
+
 def chain_fingerprint(chain: list[tuple[Denoiser, int]]) -> list:
-    return [[state_sha256(model.module), steps] for model, steps in chain]
+    return [
+        [state_sha256(model.module), frozen_parts_sha256(model.family, model.module), steps] for model, steps in chain
+    ]
+
+
+@torch.no_grad()
+def sample_conditioned(model: Denoiser, fields: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int,
+                       guidance_scale: float) -> torch.Tensor:  # fmt: skip
+    """uint8 NCHW samples of the family's own sampler for the conditions of evaluation-set entries (SD + ControlNet:
+    DDIM, guided against the empty prompt with the control kept, decoded by the VAE)."""
+    conditions = [fields[name] for name in model.family.condition_fields]
+    pixels = model.family.sample(model.module, *conditions, num_steps=num_steps, guidance_scale=guidance_scale,
+                                 noise=noise)  # fmt: skip
+    return to_uint8(pixels.cpu())
 
 
 def write_sample_set(
     directory: Path, chain: list[tuple[Denoiser, int]], settings: dict, *, rank: int, world: int,
-    device: torch.device, log: Callable[[str], None] = print,
+    device: torch.device, log: Callable[[str], None] = print, conditions: ConditionSet | None = None,
 ) -> Path:  # fmt: skip
-    """Fills `directory` with settings["num_samples"] samples of `chain`; complete shards are kept."""
+    """Fills `directory` with settings["num_samples"] samples of `chain`; complete shards are kept. With
+    `conditions`, sample i takes those of entry i mod len(conditions) (recorded in its meta as "eval_index")."""
     job = {"kind": "eval_samples", "chain": chain_fingerprint(chain), **settings}
     claim_directory(directory, job, "eval.out")
     num, per_shard, batch_size = settings["num_samples"], settings["samples_per_shard"], settings["batch_size"]
     shape, first = tuple(settings["sample_shape"]), chain[0][0]
+
+    def conditioned_samples(indices: range, on_batch: Callable[[int], None]) -> Iterator[dict]:
+        for start in range(indices.start, indices.stop, batch_size):
+            batch = range(start, min(start + batch_size, indices.stop))
+            starts = [sample_start(settings["seed"], i, len(conditions), shape) for i in batch]
+            fields = conditions.read([entry for entry, _ in starts])
+            noise = torch.stack([n for _, n in starts])
+            images = sample_conditioned(first, fields, noise, settings["num_steps"], settings["guidance_scale"])
+            on_batch(len(batch))
+            for position, i in enumerate(batch):
+                meta = {"index": i, "seed": settings["seed"], "eval_index": starts[position][0]}
+                yield {"image": images[position].permute(1, 2, 0).numpy(), "meta": meta}
 
     def samples(indices: range, on_batch: Callable[[int], None]) -> Iterator[dict]:
         for start in range(indices.start, indices.stop, batch_size):
@@ -137,20 +196,21 @@ def write_sample_set(
                 image = images[position].permute(1, 2, 0).numpy()
                 yield {"image": image, "label": int(labels[position]), "meta": {"index": i, "seed": settings["seed"]}}
 
+    fields, make = (SAMPLE_FIELDS, samples) if conditions is None else (CONDITIONED_SAMPLE_FIELDS, conditioned_samples)
     ranges = shard_ranges(num, per_shard)
     todo = shards_to_build(directory, ranges, rank, world)
     num_todo = sum(len(ranges[j]) for j in todo)
     bar = tqdm(total=num_todo, desc=f"samples (rank 0 of {world})", unit="image", disable=rank != 0)
     started = time.perf_counter()
     for j in todo:
-        write_owned_shard(directory, j, samples(ranges[j], bar.update), SAMPLE_FIELDS, ranges[j].start)
+        write_owned_shard(directory, j, make(ranges[j], bar.update), fields, ranges[j].start)
     bar.close()
     distributed.barrier()
     sampled = int(distributed.all_reduce_sum(torch.tensor([float(num_todo)], device=device)).item())
     error = None
     if rank == 0:
         try:
-            merge_manifest(directory, num, per_shard, SAMPLE_FIELDS, {"kind": "eval_samples", **settings})
+            merge_manifest(directory, num, per_shard, fields, {"kind": "eval_samples", **settings})
         except ShardError as err:
             error = err
     if distributed.any_rank(error is not None, device):
