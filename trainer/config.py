@@ -154,7 +154,9 @@ class BankConfig:
     num_steps: int = 250  # DDIM steps (paper: DDIM-250)
     guidance_scale: float = 1.5  # classifier-free guidance (paper: 1.5)
     seed: int = 0
-    prompts: list[str] = field(default_factory=list)  # sd_controlnet: drawn per sample; empty: model.default_prompt
+    prompts: list[str] = field(
+        default_factory=list
+    )  # sd_controlnet: drawn per sample; empty: model.sd_controlnet.default_prompt
     preview: int = 16  # decoded samples in a preview grid for a human; 0 for none
 
 
@@ -188,7 +190,7 @@ class EvalConfig:
     guidance_scale: float = 9.0  # against the empty prompt, control kept (ControlNet's validation setting)
     batch_size: int = 8
     seed: int = 0
-    threshold: float | None = None  # None: the paper's threshold for model.control
+    threshold: float | None = None  # None: the paper's threshold for model.sd_controlnet.control
     blur_sigma: float = 2.0  # Gaussian blur (pixels) of edges and sketches before SSIM
     # launch/evaluate.py (trainer/evaluation.py) also reads eval.batch_size (sampling and feature batches),
     # eval.seed (sample i's class and noise come from (eval.seed, i)) and, for sd_controlnet, eval.data (required

@@ -6,7 +6,7 @@ control) and bank samples with the null condition (the null class; the default p
 the ranks like the features are. Drift: sum (theta - theta_pre)^2 over the parameters both models share, in total
 and per block; label tables are reported apart, as a transfer's label rows need not mean the same classes. For
 SD + ControlNet both are about the ControlNet, the module that trains; drift is measured by default from where
-training started (model.controlnet, else the ControlNet `from_unet` makes of model.pretrained).
+training started (model.sd_controlnet.controlnet, else the ControlNet `from_unet` makes of model.pretrained).
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def parameter_drift(model: torch.nn.Module, pretrained: torch.nn.Module) -> dict
 
 def drift_start(cfg: Config) -> str:
     """What drift is measured from: eval.pretrained; for SD + ControlNet by default where training started (the
-    ControlNet of model.controlnet, else the one `from_unet` makes of model.pretrained, seeded with train.seed)."""
-    return cfg.eval.pretrained or cfg.model.controlnet or cfg.model.pretrained
+    ControlNet of model.sd_controlnet.controlnet, else the one `from_unet` makes of model.pretrained, seeded with
+    train.seed)."""
+    return cfg.eval.pretrained or cfg.model.sd_controlnet.controlnet or cfg.model.pretrained
 
 
 def drift_mode(cfg: Config, rank: int, world: int, device: torch.device) -> dict:

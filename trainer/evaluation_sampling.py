@@ -52,20 +52,24 @@ def resolve_model(path: str, key: str) -> Path:
 def load_model(cfg: Config, path: str, key: str, device: torch.device):
     """(family, denoiser on `device` in eval mode) of a model folder or run. DiT keeps the folder's label space.
     sd_controlnet: `path` is a ControlNet folder (the export of a run), used with the SD parts of model.pretrained;
-    or a Stable Diffusion folder, whose ControlNet is the one training starts from without model.controlnet
-    (`ControlNetModel.from_unet`, seeded with train.seed); or a saved StableDiffusionControlNetPipeline."""
+    or a Stable Diffusion folder, whose ControlNet is the one training starts from without
+    model.sd_controlnet.controlnet (`ControlNetModel.from_unet`, seeded with train.seed); or a saved
+    StableDiffusionControlNetPipeline."""
     folder = resolve_model(path, key)
     if cfg.model.family == "dit":
         family = family_class("dit").from_pretrained(str(folder))
     else:
         from trainer.setup import load_family
 
+        sd = cfg.model.sd_controlnet
         if (folder / "controlnet" / "config.json").is_file():
-            model = replace(cfg.model, pretrained=str(folder), controlnet=str(folder / "controlnet"))
+            model = replace(
+                cfg.model, pretrained=str(folder), sd_controlnet=replace(sd, controlnet=str(folder / "controlnet"))
+            )
         elif (folder / "unet").is_dir():
-            model = replace(cfg.model, pretrained=str(folder), controlnet=None)
+            model = replace(cfg.model, pretrained=str(folder), sd_controlnet=replace(sd, controlnet=None))
         elif (folder / "config.json").is_file():
-            model = replace(cfg.model, controlnet=str(folder))
+            model = replace(cfg.model, sd_controlnet=replace(sd, controlnet=str(folder)))
         else:
             raise FileNotFoundError(
                 f"{key}={path} is neither a ControlNet folder (config.json), a Stable Diffusion folder (unet/) nor a "
