@@ -221,23 +221,30 @@ class DiTFamily:
             noise = torch.randn((len(labels), *self.sample_shape), generator=generator)
         x = noise.to(device) * scheduler.init_noise_sigma  # 1 for DDIM; sigma_max-scaled for EDM's schedulers
         labels = labels.to(device)
-        null = torch.full_like(labels, self.null_condition)
-        channels = self.sample_shape[0]
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)  # x itself for DDIM; EDM's c_in x
-            t_batch = t.to(device).expand(len(labels))  # DDIM's integer t, or EDM's c_noise
-            if guidance_scale == 1.0:
-                eps = self.predict(denoiser, x_in, t_batch, labels)[:, :channels]
-            else:
-                both = self.predict(
-                    denoiser, torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])
-                )
-                cond, uncond = both[:, :channels].chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+            x = scheduler.step(self.guided_epsilon(denoiser, x_in, t, labels, guidance_scale), t, x).prev_sample
         if self.vae is not None and decode:
             return self.decode(x)
         return x if self.latent_space else x.clamp(-1, 1)
+
+    def guided_epsilon(
+        self,
+        denoiser: torch.nn.Module,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The first C output channels (ε; EDM's raw output) for `labels`, guided against the null class."""
+        t_batch = torch.as_tensor(t, device=x_in.device).expand(len(x_in))  # DDIM's integer t, or EDM's c_noise
+        channels = self.sample_shape[0]
+        if guidance_scale == 1.0:
+            return self.predict(denoiser, x_in, t_batch, labels)[:, :channels]
+        null = torch.full_like(labels, self.null_condition)
+        both = self.predict(denoiser, torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
+        cond, uncond = both[:, :channels].chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

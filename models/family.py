@@ -58,6 +58,18 @@ class ModelFamily(Protocol):
     def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         """A plain copy of the denoiser holding other weights (EMA, gathered raw weights)."""
 
+    def guided_epsilon(
+        self,
+        denoiser: torch.nn.Module | None,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        condition: Any,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The prediction one reverse step uses (a diffusers scheduler's model output) at the scheduler's model
+        input `x_in` and timestep `t`, with classifier-free guidance against the family's unconditional input:
+        what `sample` steps with, and what the evaluation's sampling chains switch between models."""
+
     def sample(self, denoiser: torch.nn.Module, *conditions: Any, **options: Any) -> torch.Tensor:
         """Samples for the given conditions (the bank's generator, the evaluation's sampler)."""
 

@@ -255,23 +255,33 @@ class SDControlNetFamily:
         if noise is None:
             noise = torch.randn((len(tokens), *self.sample_shape), generator=generator)
         x = noise.to(device) * scheduler.init_noise_sigma
-        guided = guidance_scale != 1.0
-        text = self.encode_text(tokens)
-        if guided:
-            text = torch.cat([text, self.fixed_text("empty").expand(len(tokens), -1, -1)])
         control = None if controls is None else control_tensor(controls).to(device)
-        if control is not None and guided:
-            control = torch.cat([control, control])  # the unconditional branch keeps the control, as ControlNet's
-        condition = ControlCondition(text, control)
+        condition = ControlCondition(self.encode_text(tokens), control)
+        denoiser = denoiser if control is not None else None
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            t_batch = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)
-            eps = self.predict(denoiser if control is not None else None, x_in, t_batch, condition).float()
-            if guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+            x_in = scheduler.scale_model_input(x, t)
+            x = scheduler.step(self.guided_epsilon(denoiser, x_in, t, condition, guidance_scale), t, x).prev_sample
         return self.decode(x) if decode else x
+
+    def guided_epsilon(
+        self,
+        denoiser: torch.nn.Module | None,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        condition: ControlCondition,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """ε (float32) for the condition's text and control, guided against the empty prompt with the control kept
+        (as ControlNet samples); plain SD when `denoiser` is None."""
+        t_batch = torch.full((len(x_in),), int(t), device=x_in.device, dtype=torch.long)
+        if guidance_scale == 1.0:
+            return self.predict(denoiser, x_in, t_batch, condition).float()
+        empty = self.fixed_text("empty").expand(len(x_in), -1, -1)
+        control = None if condition.control is None else torch.cat([condition.control, condition.control])
+        both = ControlCondition(torch.cat([condition.text, empty.to(condition.text.device)]), control)
+        eps = self.predict(denoiser, torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), both).float()
+        cond, uncond = eps.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -116,14 +116,14 @@ def test_l2_ewc_equals_a_hand_computation(kit):
 
 def test_replacement_chain_ends_are_the_two_models(kit):
     fine, pre = (family_class("dit").from_pretrained(str(kit[name])) for name in ("finetuned", "pretrained"))
-    fine_tuned = Denoiser(fine, fine.denoiser.eval(), lambda labels: labels)
-    pretrained = Denoiser(pre, pre.denoiser.eval(), lambda labels: torch.full_like(labels, pre.null_condition))
+    fine_tuned = Denoiser(fine, fine.denoiser.eval())
+    pretrained = Denoiser(pre, pre.denoiser.eval(), null=True)  # eval.handover_labels=null
     labels, noise = torch.tensor([0, 1, 2, 3]), torch.randn((4, *fine.sample_shape), generator=torch.Generator())
     config, steps = fine.scheduler_config, 6
 
     def chain(late: int, sampler: str = "ddim") -> torch.Tensor:
         parts = [(fine_tuned, steps - late), (pretrained, late)]
-        return sample_images([p for p in parts if p[1]], labels, noise, config, sampler, steps, 1.5)
+        return sample_images([p for p in parts if p[1]], {"label": labels}, noise, config, sampler, steps, 1.5)
 
     def alone(family, condition: torch.Tensor) -> torch.Tensor:  # the family's own DDIM sampler, uint8
         x = family.sample(family.denoiser, condition, num_steps=steps, guidance_scale=1.5, noise=noise)

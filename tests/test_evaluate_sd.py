@@ -22,6 +22,7 @@ from tests.conftest import assert_ok, run_entry
 from tests.tiny_sd import no_leaked_shm, tiny_sd  # noqa: F401 (session fixtures)
 from trainer.config import load_config
 from trainer.evaluation import evaluate
+from trainer.evaluation_sampling import Denoiser, sample_images
 
 NUM_SAMPLES, PER_SHARD, NUM_ENTRIES = 10, 3, 8  # 4 shards; samples 8 and 9 take entries 0 and 1 again
 
@@ -88,6 +89,34 @@ def test_sd_samples_take_the_evaluation_sets_prompts_and_controls(sd_kit, one_ra
     assert np.array_equal(by_hand, samples[9]["image"])
     grid = np.asarray(Image.open(one_rank / "grid_samples.png"))
     assert grid.shape[1] > grid.shape[0]  # 2x2 cells, each a control beside its sample: twice as wide as high
+
+
+def test_sd_replacement_chain_ends_are_the_two_models(sd_kit):
+    """The chain of forgetting on SD + ControlNet: with p = 0 the fine-tuned ControlNet samples alone, with p = 1
+    the pre-trained model (the ControlNet training starts from, whose zero convolutions leave SD unchanged) under
+    the null condition (the default prompt, the control kept); DPM-Solver++ steps the same chain."""
+    pre = SDControlNetFamily.from_pretrained(str(sd_kit["pretrained"]), seed=0)
+    fine = SDControlNetFamily.from_pretrained(
+        str(sd_kit["pretrained"]), controlnet=str(sd_kit["run"] / "export" / "ema")
+    )
+    fine_tuned, pretrained = Denoiser(fine, fine.denoiser.eval()), Denoiser(pre, pre.denoiser.eval(), null=True)
+    entries = open_shard_set(sd_kit["bank"])
+    tokens, control = (torch.from_numpy(np.stack([entries[i][k] for i in range(2)])) for k in ("tokens", "control"))
+    noise, steps = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)), 4
+    fields = {"tokens": tokens, "control": control}
+
+    def chain(late: int, sampler: str = "ddim") -> torch.Tensor:
+        parts = [(fine_tuned, steps - late), (pretrained, late)]
+        return sample_images([p for p in parts if p[1]], fields, noise, fine.scheduler_config, sampler, steps, 2.0)
+
+    def alone(family, prompt_tokens: torch.Tensor) -> torch.Tensor:
+        x = family.sample(family.denoiser, prompt_tokens, control, num_steps=steps, guidance_scale=2.0, noise=noise)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    assert torch.equal(chain(0), alone(fine, tokens))
+    assert torch.equal(chain(steps), alone(pre, pre.null_tokens.expand(2, -1)))
+    assert not torch.equal(chain(2), chain(0)) and not torch.equal(chain(2), chain(steps))
+    assert not torch.equal(chain(0, "dpm++"), chain(0))
 
 
 def test_a_partly_deleted_sd_sample_set_redoes_only_the_missing_shard(sd_kit, one_rank, tmp_path, capsys):
@@ -180,8 +209,7 @@ def other_resolution_shards(folder: Path) -> Path:
     "overrides, message",
     [
         (["eval.data=null"], "eval.data must be set for eval.mode=metrics with model.family=sd_controlnet"),
-        (["eval.mode=replacement", "eval.pretrained=x"], "eval.mode=replacement is not available for model.family"),
-        (["eval.sampler=dpm++"], "eval.sampler=dpm++: model.family=sd_controlnet samples with its own DDIM"),
+        (["eval.mode=replacement", "eval.pretrained=x", "eval.data=null"], "eval.data must be set for eval.mode=repl"),
         (["eval.data={tiny_target}"], "lack the field(s) ['tokens', 'control'] that model.family=sd_controlnet"),
         (["eval.data={other}"], "its samples 'x' have shape (4, 16, 16) but the model samples (4, 8, 8)"),
         (["eval.model={root}"], "is neither a ControlNet folder (config.json), a Stable Diffusion folder"),

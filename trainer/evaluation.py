@@ -47,25 +47,14 @@ def takes_eval_set(cfg: Config) -> bool:
 def check_conditioned_config(cfg: Config) -> None:
     """The rules for a family whose samples take their conditions from an evaluation set (SD + ControlNet)."""
     ev, family = cfg.eval, cfg.model.family
-    if ev.mode == "replacement":
-        raise ConfigError(
-            f"eval.mode=replacement is not available for model.family={family}: the chain of forgetting switches "
-            "models between reverse steps, and this family samples whole runs only (family.sample, with its own "
-            "guidance against the empty prompt); compare the ControlNets with eval.mode=metrics, denoising or drift"
-        )
-    if ev.sampler != "ddim":
-        raise ConfigError(
-            f"eval.sampler={ev.sampler}: model.family={family} samples with its own DDIM sampler (as its bank, its "
-            "previews and the pipeline's default): set eval.sampler=ddim"
-        )
     if not cfg.model.pretrained:
         raise ConfigError(
             f"model.pretrained must be set for model.family={family}: the Stable Diffusion folder whose UNet, VAE and "
             "text encoder the evaluated ControlNet runs with (the one it was trained with)"
         )
-    if ev.mode == "metrics" and not ev.data:
+    if ev.mode in ("metrics", "replacement") and not ev.data:
         raise ConfigError(
-            f"eval.data must be set for eval.mode=metrics with model.family={family}: shards prepared by "
+            f"eval.data must be set for eval.mode={ev.mode} with model.family={family}: shards prepared by "
             "launch/prepare_data.py (held-out images, captions and control maps) whose prompts and controls the "
             "samples take, e.g. eval.data=/data/val_shards"
         )
@@ -149,7 +138,7 @@ def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> 
         settings["num_classes"] = class_count(cfg, family, reference)
     else:  # the samples' bytes depend on the evaluation set: another one is refused in the same eval.out
         settings |= {"eval_data_sha256": conditions.fingerprint, "num_eval_entries": len(conditions)}
-    fine_tuned = Denoiser(family, denoiser, lambda labels: labels)
+    fine_tuned = Denoiser(family, denoiser)
     chains = {None: [(fine_tuned, ev.sample_steps)]}
     if ev.mode == "replacement":
         pre_family, pre_denoiser = load_model(cfg, ev.pretrained, "eval.pretrained", device)
@@ -158,9 +147,7 @@ def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> 
                 f"eval.pretrained samples {pre_family.sample_shape} but eval.model {family.sample_shape}: "
                 "the replacement curve needs the pre-trained model of this fine-tuned one"
             )
-        null = pre_family.null_condition
-        labels_of = (lambda labels: torch.full_like(labels, null)) if ev.handover_labels == "null" else (lambda x: x)
-        pretrained = Denoiser(pre_family, pre_denoiser, labels_of)
+        pretrained = Denoiser(pre_family, pre_denoiser, null=ev.handover_labels == "null")
         chains = {}
         for share in ev.handover:
             late = handover_steps(share, ev.sample_steps)

@@ -31,7 +31,7 @@ from data.shards import ShardError
 from models import family_class
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation_data import ConditionSet, to_uint8
+from trainer.evaluation_data import ConditionSet
 from trainer.generate import state_sha256
 
 SAMPLE_FIELDS = {"image": "png", "label": "cls", "meta": "json"}
@@ -82,11 +82,19 @@ def load_model(cfg: Config, path: str, key: str, device: torch.device):
 
 @dataclass
 class Denoiser:
-    """One model of a sampling chain: its family (null class, decoding), weights and the labels it sees."""
+    """One model of a sampling chain: its family (conditions, guidance, decoding) and weights; `null` makes it
+    denoise with the null condition whatever the chain's conditions (the pre-trained model of the chain of
+    forgetting under eval.handover_labels=null)."""
 
     family: object
     module: torch.nn.Module
-    labels_of: Callable[[torch.Tensor], torch.Tensor]  # the chain's labels -> the labels this model gets
+    null: bool = False
+
+    def condition(self, fields: dict[str, torch.Tensor]):
+        """What the family's `guided_epsilon` takes, from a batch's condition fields (labels, or captions and
+        controls)."""
+        size = len(next(iter(fields.values())))
+        return self.family.condition(fields, torch.full((size,), self.null))
 
 
 def make_scheduler(scheduler_config: dict, sampler: str, num_steps: int):
@@ -100,33 +108,26 @@ def make_scheduler(scheduler_config: dict, sampler: str, num_steps: int):
     return scheduler
 
 
-def guided_epsilon(model: Denoiser, x: torch.Tensor, t: int, labels: torch.Tensor, guidance_scale: float):
-    """The model's ε with classifier-free guidance against its own null class (as DiTFamily.sample does)."""
-    family, channels = model.family, x.shape[1]
-    t_batch = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-    if guidance_scale == 1.0:
-        return family.predict(model.module, x, t_batch, labels)[:, :channels]
-    null = torch.full_like(labels, family.null_condition)
-    both = family.predict(model.module, torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
-    cond, uncond = both[:, :channels].chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
 @torch.no_grad()
 def sample_images(
-    chain: list[tuple[Denoiser, int]], labels: torch.Tensor, noise: torch.Tensor, scheduler_config: dict,
+    chain: list[tuple[Denoiser, int]], fields: dict[str, torch.Tensor], noise: torch.Tensor, scheduler_config: dict,
     sampler: str, num_steps: int, guidance_scale: float,
 ) -> torch.Tensor:  # fmt: skip
-    """uint8 NCHW images; `chain` lists (model, number of reverse steps it takes), in order: a fine-tuned model
-    for the first steps and a pre-trained one for the last p% is the chain of forgetting (paper Fig. 1)."""
+    """uint8 NCHW images for the condition `fields` (labels, or captions and controls); `chain` lists (model,
+    number of reverse steps it takes), in order: a fine-tuned model for the first steps and a pre-trained one for
+    the last p% is the chain of forgetting (paper Fig. 1)."""
     scheduler = make_scheduler(scheduler_config, sampler, num_steps)
     owners = [model for model, steps in chain for _ in range(steps)]
     if len(owners) != len(scheduler.timesteps):
         raise ValueError(f"the chain covers {len(owners)} steps, the sampler takes {len(scheduler.timesteps)}")
     device = next(chain[0][0].module.parameters()).device
-    x, labels = noise.to(device), labels.to(device)
+    conditions = [model.condition({k: v.to(device) for k, v in fields.items()}) for model, _ in chain]
+    condition_of = {id(model): condition for (model, _), condition in zip(chain, conditions, strict=True)}
+    x = noise.to(device) * scheduler.init_noise_sigma
     for model, t in zip(owners, scheduler.timesteps, strict=True):
-        x = scheduler.step(guided_epsilon(model, x, t, model.labels_of(labels), guidance_scale), t, x).prev_sample
+        x_in = scheduler.scale_model_input(x, t)
+        eps = model.family.guided_epsilon(model.module, x_in, t, condition_of[id(model)], guidance_scale)
+        x = scheduler.step(eps, t, x).prev_sample
     family = chain[-1][0].family
     pixels = x.clamp(-1, 1) if family.vae is None else family.decode(x)
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -152,17 +153,6 @@ def chain_fingerprint(chain: list[tuple[Denoiser, int]]) -> list:
     ]
 
 
-@torch.no_grad()
-def sample_conditioned(model: Denoiser, fields: dict[str, torch.Tensor], noise: torch.Tensor, num_steps: int,
-                       guidance_scale: float) -> torch.Tensor:  # fmt: skip
-    """uint8 NCHW samples of the family's own sampler for the conditions of evaluation-set entries (SD + ControlNet:
-    DDIM, guided against the empty prompt with the control kept, decoded by the VAE)."""
-    conditions = [fields[name] for name in model.family.condition_fields]
-    pixels = model.family.sample(model.module, *conditions, num_steps=num_steps, guidance_scale=guidance_scale,
-                                 noise=noise)  # fmt: skip
-    return to_uint8(pixels.cpu())
-
-
 def write_sample_set(
     directory: Path, chain: list[tuple[Denoiser, int]], settings: dict, *, rank: int, world: int,
     device: torch.device, log: Callable[[str], None] = print, conditions: ConditionSet | None = None,
@@ -179,8 +169,11 @@ def write_sample_set(
             batch = range(start, min(start + batch_size, indices.stop))
             starts = [sample_start(settings["seed"], i, len(conditions), shape) for i in batch]
             fields = conditions.read([entry for entry, _ in starts])
-            noise = torch.stack([n for _, n in starts])
-            images = sample_conditioned(first, fields, noise, settings["num_steps"], settings["guidance_scale"])
+            fields = {name: fields[name] for name in first.family.condition_fields}
+            images = sample_images(
+                chain, fields, torch.stack([n for _, n in starts]), first.family.scheduler_config,
+                settings["sampler"], settings["num_steps"], settings["guidance_scale"],
+            )  # fmt: skip
             on_batch(len(batch))
             for position, i in enumerate(batch):
                 meta = {"index": i, "seed": settings["seed"], "eval_index": starts[position][0]}
@@ -192,7 +185,7 @@ def write_sample_set(
             starts = [sample_start(settings["seed"], i, settings["num_classes"], shape) for i in batch]
             labels = torch.tensor([label for label, _ in starts], dtype=torch.long)
             images = sample_images(
-                chain, labels, torch.stack([n for _, n in starts]), first.family.scheduler_config,
+                chain, {"label": labels}, torch.stack([n for _, n in starts]), first.family.scheduler_config,
                 settings["sampler"], settings["num_steps"], settings["guidance_scale"],
             )  # fmt: skip
             on_batch(len(batch))
