@@ -29,6 +29,7 @@ from models.dit_weights import (
     stream_into,
 )
 from models.noise.ddpm import DDPMProcess
+from models.samplers import DDPM_SAMPLERS, ddpm_sampler
 
 # DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
 DITPIPELINE_NULL_CLASS = 1000
@@ -150,9 +151,11 @@ class DiTFamily:
         """DiT's discrete DDPM process (epsilon and learned variance) over the pre-trained betas."""
         return DDPMProcess(self.betas())
 
-    def sampling_scheduler(self) -> DDIMScheduler:
-        """The diffusers scheduler `sample` steps with: DDIM over the pre-trained schedule."""
-        return DDIMScheduler.from_config(self.scheduler_config)
+    samplers = DDPM_SAMPLERS  # the names `sampling_scheduler` takes; the first is what `sample` uses
+
+    def sampling_scheduler(self, sampler: str = "ddim"):
+        """A diffusers scheduler over the pre-trained schedule: DDIM (what `sample` steps with) or DPM-Solver++."""
+        return ddpm_sampler(self.scheduler_config, sampler)
 
     condition_fields = ("label",)  # the shard fields `condition` reads
 

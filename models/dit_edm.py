@@ -23,6 +23,7 @@ from diffusers import EDMEulerScheduler
 
 from models.dit import DiTFamily, record_original_frequencies
 from models.noise.edm import EDMProcess
+from models.samplers import EDM_SAMPLERS, edm_sampler
 
 NOISE_PROCESS_FILE = "noise_process.json"
 
@@ -63,9 +64,12 @@ class DiTEDMFamily(DiTFamily):
     def noise_process(self) -> EDMProcess:
         return self.process
 
-    def sampling_scheduler(self) -> EDMEulerScheduler:
-        """EDM's Euler sampler over Karras' sigma schedule, preconditioned as in training."""
-        return EDMEulerScheduler.from_config(self.scheduler_config)
+    samplers = EDM_SAMPLERS
+
+    def sampling_scheduler(self, sampler: str = "euler"):
+        """EDM's Euler sampler (what `sample` uses) or DPM-Solver++ over Karras' sigma schedule, preconditioned as in
+        training."""
+        return edm_sampler(self.scheduler_config, sampler)
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """transformer/, scheduler/ (EDMEulerScheduler), vae/ if any, and noise_process.json (`class_names` are

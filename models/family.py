@@ -70,6 +70,11 @@ class ModelFamily(Protocol):
         input `x_in` and timestep `t`, with classifier-free guidance against the family's unconditional input:
         what `sample` steps with, and what the evaluation's sampling chains switch between models."""
 
+    samplers: tuple[str, ...]  # the samplers `sampling_scheduler` offers (models/samplers.py); the first: `sample`'s
+
+    def sampling_scheduler(self, sampler: str) -> Any:
+        """A diffusers scheduler over the family's noise schedule, by name (one of `samplers`)."""
+
     def sample(self, denoiser: torch.nn.Module, *conditions: Any, **options: Any) -> torch.Tensor:
         """Samples for the given conditions (the bank's generator, the evaluation's sampler)."""
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.annotators import synthetic_controls
 from models.noise.ddpm import DDPMProcess
+from models.samplers import DDPM_SAMPLERS, ddpm_sampler
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
 PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
@@ -249,7 +250,7 @@ class SDControlNetFamily:
         """DDIM (eta 0) samples for prompt `tokens` and uint8 HWC `controls`, guided against the empty prompt
         with the control kept (as ControlNet samples). Without a ControlNet, plain SD (the bank's generator).
         Decoded to pixels in [-1, 1] if `decode`, else model-space latents."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler = self.sampling_scheduler()
         scheduler.set_timesteps(num_steps)
         device = self.unet.device
         if noise is None:
@@ -262,6 +263,12 @@ class SDControlNetFamily:
             x_in = scheduler.scale_model_input(x, t)
             x = scheduler.step(self.guided_epsilon(denoiser, x_in, t, condition, guidance_scale), t, x).prev_sample
         return self.decode(x) if decode else x
+
+    samplers = DDPM_SAMPLERS
+
+    def sampling_scheduler(self, sampler: str = "ddim"):
+        """A diffusers scheduler over SD's schedule: DDIM (what `sample` steps with) or DPM-Solver++."""
+        return ddpm_sampler(self.scheduler_config, sampler)
 
     def guided_epsilon(
         self,

@@ -119,11 +119,11 @@ def test_replacement_chain_ends_are_the_two_models(kit):
     fine_tuned = Denoiser(fine, fine.denoiser.eval())
     pretrained = Denoiser(pre, pre.denoiser.eval(), null=True)  # eval.handover_labels=null
     labels, noise = torch.tensor([0, 1, 2, 3]), torch.randn((4, *fine.sample_shape), generator=torch.Generator())
-    config, steps = fine.scheduler_config, 6
+    steps = 6
 
     def chain(late: int, sampler: str = "ddim") -> torch.Tensor:
         parts = [(fine_tuned, steps - late), (pretrained, late)]
-        return sample_images([p for p in parts if p[1]], {"label": labels}, noise, config, sampler, steps, 1.5)
+        return sample_images([p for p in parts if p[1]], {"label": labels}, noise, sampler, steps, 1.5)
 
     def alone(family, condition: torch.Tensor) -> torch.Tensor:  # the family's own DDIM sampler, uint8
         x = family.sample(family.denoiser, condition, num_steps=steps, guidance_scale=1.5, noise=noise)
@@ -231,3 +231,35 @@ def test_bad_evaluation_settings_are_named(kit, tmp_path, override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate(load_config(args[1], args[2:]))
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_edm_model_is_evaluated_with_its_own_samplers(kit, tmp_path):
+    """dit_edm: sample i is the family's own Euler sampler from the noise of (seed, i) (DPM-Solver++ on request);
+    a DDPM sampler or the DDPM-timestep denoising analysis is refused with the reason."""
+    from data.formats import open_shard_set
+    from data.shard_jobs import derived_seed
+    from models.dit_edm import DiTEDMFamily
+
+    edm = DiTEDMFamily.from_pretrained(str(kit["pretrained"]), num_classes=4)
+    edm.export(edm.denoiser.state_dict(), tmp_path / "edm")
+    common = ["model.family=dit_edm", f"eval.model={tmp_path / 'edm'}", "eval.sample_steps=3"]
+    rows = {}
+    for sampler in ("", "dpm++"):
+        out = tmp_path / f"eval_{sampler or 'own'}"
+        args = eval_args(kit, out, *common, *([f"eval.sampler={sampler}"] if sampler else []))
+        rows[sampler] = evaluate(load_config(args[1], args[2:]))
+        assert rows[sampler]["sampler"] == (sampler or "euler") and rows[sampler]["results"]["samples"]["fid"] > 0
+    samples = open_shard_set(tmp_path / "eval_own" / "samples")
+    noise = torch.randn((1, *edm.sample_shape), generator=torch.Generator().manual_seed(derived_seed(0, 3)))
+    by_hand = edm.sample(edm.denoiser.eval(), torch.tensor([3]), num_steps=3, guidance_scale=1.5, noise=noise)
+    by_hand = ((by_hand[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert samples[3]["label"] == 3 and (by_hand == samples[3]["image"]).all()
+    other = open_shard_set(tmp_path / "eval_dpm++" / "samples")
+    assert not (other[3]["image"] == samples[3]["image"]).all()
+    for override, message in (
+        ("eval.sampler=ddim", "eval.sampler='ddim' is not one of model.family=dit_edm's samplers ('euler', 'dpm++')"),
+        ("eval.mode=denoising", "eval.mode=denoising measures the error per band of DDPM timesteps"),
+    ):
+        args = eval_args(kit, tmp_path / "refused", *common, override, f"eval.models=[{tmp_path / 'edm'}]")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(load_config(args[1], args[2:]))

@@ -107,7 +107,7 @@ def test_sd_replacement_chain_ends_are_the_two_models(sd_kit):
 
     def chain(late: int, sampler: str = "ddim") -> torch.Tensor:
         parts = [(fine_tuned, steps - late), (pretrained, late)]
-        return sample_images([p for p in parts if p[1]], fields, noise, fine.scheduler_config, sampler, steps, 2.0)
+        return sample_images([p for p in parts if p[1]], fields, noise, sampler, steps, 2.0)
 
     def alone(family, prompt_tokens: torch.Tensor) -> torch.Tensor:
         x = family.sample(family.denoiser, prompt_tokens, control, num_steps=steps, guidance_scale=2.0, noise=noise)

@@ -201,7 +201,7 @@ class EvalConfig:
     out: str = ""  # results, sample shards and plots; a rerun with the same settings redoes only what is missing
     num_samples: int = 10000  # FID-10K (paper)
     num_classes: int = 0  # classes sampled in turn; 0: the reference's classes, else the model's label space
-    sampler: str = "ddim"  # ddim | dpm++ (diffusers' DPMSolverMultistepScheduler)
+    sampler: str = ""  # "": the family's own (DDIM; dit_edm: euler) | ddim | dpm++ (DPM-Solver++) | euler (EDM)
     sample_steps: int = 50  # paper: DDIM-50
     cfg_scale: float = 1.5  # classifier-free guidance of the samples (paper: 1.5)
     samples_per_shard: int = 1000

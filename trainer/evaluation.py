@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from data.files import atomic_write_bytes
-from models import family_class
+from models import family_class, family_entry
 from trainer import distributed
 from trainer.config import Config, ConfigError
 from trainer.evaluation_data import (
@@ -31,17 +31,11 @@ from trainer.evaluation_data import (
     set_features,
 )
 from trainer.evaluation_features import all_metrics, check_feature_source, load_extractor
-from trainer.evaluation_sampling import SAMPLERS, Denoiser, load_model, write_sample_set
+from trainer.evaluation_sampling import Denoiser, load_model, takes_eval_set, write_sample_set
 from trainer.metrics import image_grid
 
 MODES = ("metrics", "replacement", "denoising", "drift")
 METRIC_NAMES = ("fid", "sfid", "kid", "precision", "recall")
-EVALUATED_FAMILIES = ("dit", "sd_controlnet")
-
-
-def takes_eval_set(cfg: Config) -> bool:
-    """A class-conditional family samples its classes in turn; any other takes its conditions from eval.data."""
-    return tuple(family_class(cfg.model.family).condition_fields) != ("label",)
 
 
 def check_conditioned_config(cfg: Config) -> None:
@@ -65,10 +59,16 @@ def check_eval_config(cfg: Config) -> None:
     ev = cfg.eval
     if ev.mode not in MODES:
         raise ConfigError(f"eval.mode={ev.mode!r} is not one of {MODES}")
-    if cfg.model.family not in EVALUATED_FAMILIES:
+    family = family_class(cfg.model.family)
+    if ev.sampler not in ("", *family.samplers):
         raise ConfigError(
-            f"launch/evaluate.py evaluates model.family in {EVALUATED_FAMILIES} (model.family={cfg.model.family}: "
-            "not yet)"
+            f"eval.sampler={ev.sampler!r} is not one of model.family={cfg.model.family}'s samplers {family.samplers} "
+            "(or empty: the family's own)"
+        )
+    if ev.mode == "denoising" and family_entry(cfg.model.family).noise_process != "ddpm":
+        raise ConfigError(
+            f"eval.mode=denoising measures the error per band of DDPM timesteps (eval.bands); model.family="
+            f"{cfg.model.family} trains in continuous sigma: use eval.mode=metrics, replacement or drift"
         )
     if not ev.out:
         raise ConfigError("eval.out must be set: the folder of the samples, results and plots, e.g. eval.out=runs/eval")
@@ -80,8 +80,6 @@ def check_eval_config(cfg: Config) -> None:
     missing = [f"eval.{key}" for key in needs if not getattr(ev, key)]
     if missing:
         raise ConfigError(f"eval.mode={ev.mode} needs {', '.join(missing)} set, e.g. `{missing[0]}=/path/to/...`")
-    if ev.sampler not in SAMPLERS:
-        raise ConfigError(f"eval.sampler={ev.sampler!r} is not one of {SAMPLERS}")
     for key in ("num_samples", "sample_steps", "samples_per_shard", "kid_subsets", "kid_subset_size", "pr_neighbours"):
         if getattr(ev, key) < 1:
             raise ConfigError(f"eval.{key}={getattr(ev, key)} must be at least 1")
@@ -131,7 +129,8 @@ def sample_metrics(cfg: Config, rank: int, world: int, device: torch.device) -> 
     reference = open_image_set(ev.reference, family, size, verify=cfg.data.verify)
     settings = {
         "num_samples": ev.num_samples, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
-        "sampler": ev.sampler, "num_steps": ev.sample_steps, "guidance_scale": ev.cfg_scale, "seed": ev.seed,
+        "sampler": ev.sampler or family.samplers[0], "num_steps": ev.sample_steps, "guidance_scale": ev.cfg_scale,
+        "seed": ev.seed,
         "sample_shape": list(family.sample_shape),
     }  # fmt: skip
     if conditions is None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm import tqdm
 
 from data.shard_jobs import (
@@ -30,13 +29,17 @@ from data.shard_jobs import (
 from data.shards import ShardError
 from models import family_class
 from trainer import distributed
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.evaluation_data import ConditionSet
 from trainer.generate import state_sha256
 
 SAMPLE_FIELDS = {"image": "png", "label": "cls", "meta": "json"}
 CONDITIONED_SAMPLE_FIELDS = {"image": "png", "meta": "json"}  # the entry's conditions stay in eval.data
-SAMPLERS = ("ddim", "dpm++")
+
+
+def takes_eval_set(cfg: Config) -> bool:
+    """A class-conditional family samples its classes in turn; any other takes its conditions from eval.data."""
+    return tuple(family_class(cfg.model.family).condition_fields) != ("label",)
 
 
 def resolve_model(path: str, key: str) -> Path:
@@ -56,8 +59,8 @@ def load_model(cfg: Config, path: str, key: str, device: torch.device):
     model.sd_controlnet.controlnet (`ControlNetModel.from_unet`, seeded with train.seed); or a saved
     StableDiffusionControlNetPipeline."""
     folder = resolve_model(path, key)
-    if cfg.model.family == "dit":
-        family = family_class("dit").from_pretrained(str(folder))
+    if not takes_eval_set(cfg):  # a class-conditional family: the folder holds everything, its label space too
+        family = family_class(cfg.model.family).from_pretrained(str(folder))
     else:
         from trainer.setup import load_family
 
@@ -97,26 +100,16 @@ class Denoiser:
         return self.family.condition(fields, torch.full((size,), self.null))
 
 
-def make_scheduler(scheduler_config: dict, sampler: str, num_steps: int):
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(scheduler_config)
-    elif sampler == "dpm++":
-        scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++")
-    else:
-        raise ConfigError(f"eval.sampler={sampler!r} is not one of {SAMPLERS}")
-    scheduler.set_timesteps(num_steps)
-    return scheduler
-
-
 @torch.no_grad()
 def sample_images(
-    chain: list[tuple[Denoiser, int]], fields: dict[str, torch.Tensor], noise: torch.Tensor, scheduler_config: dict,
-    sampler: str, num_steps: int, guidance_scale: float,
+    chain: list[tuple[Denoiser, int]], fields: dict[str, torch.Tensor], noise: torch.Tensor, sampler: str,
+    num_steps: int, guidance_scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """uint8 NCHW images for the condition `fields` (labels, or captions and controls); `chain` lists (model,
     number of reverse steps it takes), in order: a fine-tuned model for the first steps and a pre-trained one for
     the last p% is the chain of forgetting (paper Fig. 1)."""
-    scheduler = make_scheduler(scheduler_config, sampler, num_steps)
+    scheduler = chain[0][0].family.sampling_scheduler(sampler)  # one of the family's `samplers`
+    scheduler.set_timesteps(num_steps)
     owners = [model for model, steps in chain for _ in range(steps)]
     if len(owners) != len(scheduler.timesteps):
         raise ValueError(f"the chain covers {len(owners)} steps, the sampler takes {len(scheduler.timesteps)}")
@@ -171,8 +164,8 @@ def write_sample_set(
             fields = conditions.read([entry for entry, _ in starts])
             fields = {name: fields[name] for name in first.family.condition_fields}
             images = sample_images(
-                chain, fields, torch.stack([n for _, n in starts]), first.family.scheduler_config,
-                settings["sampler"], settings["num_steps"], settings["guidance_scale"],
+                chain, fields, torch.stack([n for _, n in starts]), settings["sampler"], settings["num_steps"],
+                settings["guidance_scale"],
             )  # fmt: skip
             on_batch(len(batch))
             for position, i in enumerate(batch):
@@ -185,8 +178,8 @@ def write_sample_set(
             starts = [sample_start(settings["seed"], i, settings["num_classes"], shape) for i in batch]
             labels = torch.tensor([label for label, _ in starts], dtype=torch.long)
             images = sample_images(
-                chain, {"label": labels}, torch.stack([n for _, n in starts]), first.family.scheduler_config,
-                settings["sampler"], settings["num_steps"], settings["guidance_scale"],
+                chain, {"label": labels}, torch.stack([n for _, n in starts]), settings["sampler"],
+                settings["num_steps"], settings["guidance_scale"],
             )  # fmt: skip
             on_batch(len(batch))
             for position, i in enumerate(batch):
