@@ -22,6 +22,7 @@ from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_shards
 from trainer.config import ConfigError
 from trainer.continual import check_run_in_progress, sample_class, stage_target_parts
+from trainer.metrics import MetricsLogger
 from trainer.stages import fingerprint, load_stages
 
 slow = pytest.mark.slow  # launched multi-stage runs
@@ -312,10 +313,13 @@ def test_a_run_killed_in_stage_2s_generation_then_training_resumes_to_the_same_b
     assert (run_dir / "stage_01" / "done.json").is_file() and not (stage / "done.json").exists()
     assert is_complete(new, 0, range(0, 2)) and not is_complete(new, 1, range(2, 4))  # 4 new samples, 2 a shard
     assert not (new / "manifest.json").exists() and not (stage / "bank").exists() and not (stage / "train").exists()
+    first_shard = (new / shard_name(0)).stat()
 
     crashed = rerun("debug.crash_in_save_step=4", "debug.crash_rank=0")  # the last save
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert (new / "manifest.json").is_file() and not (stage / "done.json").exists()
+    kept = (new / shard_name(0)).stat()  # the recorded shard was kept, not generated again
+    assert (kept.st_ino, kept.st_mtime_ns) == (first_shard.st_ino, first_shard.st_mtime_ns)
     assert (stage / "train" / "checkpoints" / "latest").read_text() == "step_00000002"
     assert [r["step"] for r in read_steps(stage)] == [2, 4]  # step 4 logged, then killed in its save
 
@@ -334,6 +338,13 @@ def test_a_run_killed_in_stage_2s_generation_then_training_resumes_to_the_same_b
         expected = DiTFamily.from_pretrained(str(reference / "model" / which)).denoiser.state_dict()
         for name, tensor in expected.items():
             torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_log_drops_the_steps_after_its_checkpoint_and_a_line_cut_short(tmp_path):
+    lines = [json.dumps({"step": step, "loss/total": 0.5}) for step in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')  # killed while writing
+    MetricsLogger(tmp_path, True, 4, 10, progress=False).close()  # the resume from step 4's checkpoint
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
 
 
 def shard_hashes(directory: Path) -> list[str]:
