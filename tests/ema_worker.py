@@ -2,8 +2,9 @@
 
 For each engine configuration: trains a tiny DiT for a few steps beside a whole-copy reference EMA built from
 DeepSpeed's own gathered fp32 master weights, checks a skipped update, `full_state_dict`, `swapped_in` and
-the EMA bytes, saves the EMA, and loads the save of another world size (and another configuration). Rank 0
-writes what it found to `--out/<world>.json` for the test to assert on.
+the EMA bytes, saves the EMA, and loads the save of another world size (and another configuration). Then it
+starts an EMA from a model folder (model.ema_from, streamed tensor by tensor into each rank's slice), counting the
+bytes of the folder's tensors alive at once. Rank 0 writes what it found to `--out/<world>.json` for the test.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import deepspeed
@@ -21,9 +23,11 @@ from deepspeed.utils import safe_get_full_fp32_param
 from diffusers import DiTTransformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import trainer.ema_start
 from tests.tiny import TINY_DIT
 from trainer import distributed
 from trainer.ema import ShardedEMA
+from trainer.ema_start import fill_ema_from_folder
 
 CONFIGS = {
     "z0": (0, "fp32"),
@@ -198,6 +202,73 @@ def load_errors(engine, source: Path, scratch: Path) -> dict[str, str]:
     return messages
 
 
+class CountedReads:
+    """Wraps the weight reader of trainer/ema_start.py: the bytes of the folder's tensors alive at once (a tensor
+    counts from its read until it is freed), their peak, and the largest and total bytes of the tensors read."""
+
+    def __init__(self):
+        self.live = self.peak = self.largest = self.total = self.reads = 0
+        self.open_weights = trainer.ema_start.open_weights
+
+    def __enter__(self):
+        def counted_open(*args, **kwargs):
+            source = self.open_weights(*args, **kwargs)
+            read = source.read
+            source.read = lambda name: self.count(read(name))
+            return source
+
+        trainer.ema_start.open_weights = counted_open
+        return self
+
+    def __exit__(self, *exc):
+        trainer.ema_start.open_weights = self.open_weights
+
+    def count(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        self.live += size
+        self.peak, self.largest = max(self.peak, self.live), max(self.largest, size)
+        self.total, self.reads = self.total + size, self.reads + 1
+        weakref.finalize(tensor, self.release, size)
+        return tensor
+
+    def release(self, size: int) -> None:
+        self.live -= size
+
+
+def ema_folder(out: Path, rank: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny DiT of the engines' shape with other weights, saved as a diffusers folder (safetensors)."""
+    folder = out / "ema_from"
+    torch.manual_seed(7)
+    model = DiTTransformer2DModel(**TINY_DIT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    if rank == 0 and not folder.is_dir():
+        model.save_pretrained(folder)
+    distributed.barrier()
+    return folder, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_ema_from(engine, folder: Path, weights: dict[str, torch.Tensor], rank: int) -> dict:
+    """The EMA started from the folder equals its weights exactly; each rank held at most one tensor at a time."""
+    ema = ShardedEMA(engine, DECAY)
+    with CountedReads() as reads:
+        fill_ema_from_folder(ema, folder)
+    full = ema.full_state_dict()
+    found = {
+        "peak_live_bytes": reads.peak, "largest_tensor_bytes": reads.largest, "bytes_read": reads.total,
+        "tensors_read": reads.reads, "ema_bytes": ema.num_bytes,
+    }  # fmt: skip
+    per_rank = gather_objects(found)
+    if rank != 0:
+        return {}
+    return {
+        "equals_folder": bool(ema.shapes) and all(torch.equal(full[k], weights[k].float()) for k in ema.shapes),
+        "folder_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+        "ranks": per_rank,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -209,6 +280,7 @@ def main() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world_size, _ = distributed.init()
     results, names = {}, list(CONFIGS)
+    ema_from, ema_from_weights = ema_folder(args.out, rank)
     for index, name in enumerate(names):
         stage, precision = CONFIGS[name]
         started = time.time()
@@ -219,7 +291,8 @@ def main() -> None:
         if args.load_from is not None:  # the same configuration, and another one (other stage / precision)
             for source in (name, names[(index + 1) % len(names)]):
                 found[f"load_{source}"] = load_and_check(engine, args.load_from / source, rank)
-        found["num_bytes_all_ranks"] = gather_ints(found.get("num_bytes", ShardedEMA(engine, DECAY).num_bytes))
+        found["num_bytes_all_ranks"] = gather_objects(found.get("num_bytes", ShardedEMA(engine, DECAY).num_bytes))
+        found["ema_from"] = check_ema_from(engine, ema_from, ema_from_weights, rank)
         results[name] = found
         print(f"{name}: done in {time.time() - started:.1f}s", flush=True)
         distributed.barrier()
@@ -230,7 +303,7 @@ def main() -> None:
     distributed.destroy()
 
 
-def gather_ints(value: int) -> list[int]:
+def gather_objects(value):
     values = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
     return values

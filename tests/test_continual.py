@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data.batch import load_micro_batch
 from data.composed import Part, keep_subset, read_composed, resolve_parts, write_composed
 from data.formats import open_shard_set
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, slot_ids
+from data.shard_jobs import is_complete
 from data.shards import ShardError, read_manifest, shard_name, write_manifest, write_shard
 from models.dit import DiTFamily
 from models.feature_net import FeatureNet, save_feature_net
@@ -20,9 +22,20 @@ from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_shards
 from trainer.config import ConfigError
 from trainer.continual import check_run_in_progress, sample_class, stage_target_parts
+from trainer.metrics import MetricsLogger
 from trainer.stages import fingerprint, load_stages
 
 slow = pytest.mark.slow  # launched multi-stage runs
+
+
+def image_folder(folder: Path, names: list[str], per_class: int, seed: int) -> Path:
+    """An ImageFolder of random 8x8 RGB PNGs, one subfolder per class (a stage given as images)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name / f"{i:03d}.png")
+    return folder
 
 
 def named_shards(folder: Path, num_samples: int, names: list[str], seed: int, per_shard: int = 8) -> Path:
@@ -115,7 +128,8 @@ def test_every_steps_plan_over_a_composed_bank_is_the_same_on_one_and_two_ranks(
 
 @pytest.fixture(scope="module")
 def chain(tiny, tmp_path_factory) -> dict:
-    """Three stages of tiny data: classes a, b; then b, c (one new); then d, e (two new), with held-out sets."""
+    """Three stages of tiny data: classes a, b; then b, c (one new); then d, e (two new, given as images that the
+    driver prepares), with held-out sets."""
     root = tmp_path_factory.mktemp("chain")
     torch.manual_seed(0)
     save_feature_net(FeatureNet(num_features=16, width=8), root / "feature_net.pt")
@@ -127,12 +141,15 @@ def chain(tiny, tmp_path_factory) -> dict:
         stages.append({"target": str(target), "steps": 4, "eval_data": str(held_out), "overrides": []})
     # Stage 2's EMA barely moves, so that it shows where it started: stage 1's EMA, carried on.
     stages[1]["overrides"] = ["optim.ema_decay=0.999999"]
+    stages[2]["images"] = str(image_folder(root / "images2", names[2], per_class=8, seed=30))
+    stages[2]["target"] = ""
     document = {
         "pretrained": str(tiny["pretrained"]), "config": "tiny_cpu", "mode": "evolving",
         "overrides": ["run.ckpt_every=2", "run.log_every=2", "bank.num_steps=3", "bank.batch_size=4",
-                      "bank.samples_per_shard=4", "bank.preview=0", f"eval.feature_net={root / 'feature_net.pt'}",
+                      "bank.samples_per_shard=2", "bank.preview=0", f"eval.feature_net={root / 'feature_net.pt'}",
                       "eval.num_samples=48", "eval.samples_per_shard=24", "eval.batch_size=4", "eval.sample_steps=3",
-                      "eval.kid_subsets=2", "eval.grid_images=0"],
+                      "eval.kid_subsets=2", "eval.grid_images=0", "prepare.resolution=8",
+                      "prepare.samples_per_shard=8"],
         "bank": {"size": 10, "keep": 0.6, "seed": 0},
         "stages": stages,
     }  # fmt: skip
@@ -158,7 +175,8 @@ def write_stages(chain: dict, path: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"target__1": ""}, r"stages\[1\].target is not set"),
+        ({"target__1": ""}, r"stages\[1\].target and stages\[1\].images are neither set"),
+        ({"images__1": "/some/images"}, r"stages\[1\].target and stages\[1\].images are both set"),
         ({"keep": 1.5}, r"bank.keep=1.5 must lie in \[0, 1\]"),
         ({"keep": -0.1}, r"bank.keep=-0.1 must lie in \[0, 1\]"),
         ({"mode": "replay"}, r"mode='replay' is not one of"),
@@ -179,6 +197,11 @@ def test_unknown_keys_and_data_that_does_not_fit_the_model_are_refused(chain, tm
     wrong = make_shards(tmp_path / "wide", 4, shape=(3, 16, 16), num_classes=2, per_shard=4)
     with pytest.raises(ConfigError, match=r"stages\[1\].target=.*shape \(3, 16, 16\) but the model samples \(3, 8"):
         load_stages(str(write_stages(chain, tmp_path / "s.yaml", target__1=str(wrong))))
+    with pytest.raises(ConfigError, match=r"stages\[2\].images=.*prepare.resolution=16 gives samples of shape "
+                       r"\(3, 16, 16\) but the model samples \(3, 8, 8\): set prepare.resolution=8"):  # fmt: skip
+        load_stages(str(chain["path"]), ["stages.2.overrides=[prepare.resolution=16]"])
+    with pytest.raises(ConfigError, match=r"stages\[2\].images=.*missing is not a folder"):
+        load_stages(str(chain["path"]), [f"stages.2.images={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match=r"stages\[0\].eval_data=.* has classes \['c'\] that no target"):
         load_stages(
             str(write_stages(chain, tmp_path / "s.yaml", eval_data__0=chain["document"]["stages"][1]["eval_data"]))
@@ -224,6 +247,10 @@ def test_every_stage_leaves_its_artefacts_and_a_row(evolving):
         assert (stage / "train" / "export" / "ema" / "transformer").is_dir()
         assert (stage / "eval" / "results.json").is_file()
         assert [r["step"] for r in read_steps(stage)][-1] == 4
+    prepared = open_shard_set(evolving / "stage_03" / "target_prepared")  # stage 3 was given as images
+    assert len(prepared) == 16 and prepared.manifest.meta["classes"] == ["d", "e"]
+    parts = read_composed(evolving / "stage_03" / "target").parts
+    assert [Path(p.path) for p in parts] == [(evolving / "stage_03" / "target_prepared").resolve()]
 
 
 def read_steps(stage: Path) -> list[dict]:
@@ -265,33 +292,59 @@ def test_the_class_table_grows_the_ema_carries_on_and_an_earlier_class_still_sam
 
 
 @slow
-def test_a_run_killed_in_stage_2s_training_resumes_to_the_same_weights(chain, evolving):
-    """On 1 rank (the 2-rank run above is the uninterrupted reference: the same plan, so the same weights up to
-    the order of the gradient sum, and the same bank to the byte)."""
+def test_a_run_killed_in_stage_2s_generation_then_training_resumes_to_the_same_banks_and_weights(chain, evolving):
+    """One chain on 1 rank, killed in stage 2's bank generation (one of its two new shards recorded), rerun and
+    killed in stage 2's training (in the save of step 4), rerun to the end. The 2-rank run above is the
+    uninterrupted reference: the same plan, so the same weights up to the order of the gradient sum, and the same
+    banks to the byte."""
     document = json.loads(json.dumps(chain["document"]))
     document["stages"] = [{**stage, "eval_data": None} for stage in document["stages"][:2]]
     carried = document["stages"][1]["overrides"]
-    document["stages"][1]["overrides"] = [*carried, "debug.crash_in_save_step=4", "debug.crash_rank=0"]  # last save
-    run_dir = chain["root"] / "killed"
-    path = chain["root"] / "killed.yaml"
-    path.write_text(json.dumps(document))
-    crashed = run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"])
+    run_dir, path = chain["root"] / "killed", chain["root"] / "killed.yaml"
+
+    def rerun(*debug: str):  # debug.* is not a change of the stages file
+        document["stages"][1]["overrides"] = [*carried, *debug]
+        path.write_text(json.dumps(document))
+        return run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"])
+
+    crashed = rerun("debug.crash_after_shards=1", "debug.crash_rank=0")
     assert crashed.returncode == 17, crashed.stderr[-3000:]
-    assert (run_dir / "stage_01" / "done.json").is_file() and not (run_dir / "stage_02" / "done.json").exists()
-    assert (run_dir / "stage_02" / "train" / "checkpoints" / "latest").read_text() == "step_00000002"
-    document["stages"][1]["overrides"] = carried  # debug.* is not a change of the stages file
-    path.write_text(json.dumps(document))
-    assert_ok(run_entry("continual.py", ["--stages", str(path), f"run_dir={run_dir}"]))
+    stage, new = run_dir / "stage_02", run_dir / "stage_02" / "bank_new"
+    assert (run_dir / "stage_01" / "done.json").is_file() and not (stage / "done.json").exists()
+    assert is_complete(new, 0, range(0, 2)) and not is_complete(new, 1, range(2, 4))  # 4 new samples, 2 a shard
+    assert not (new / "manifest.json").exists() and not (stage / "bank").exists() and not (stage / "train").exists()
+    first_shard = (new / shard_name(0)).stat()
+
+    crashed = rerun("debug.crash_in_save_step=4", "debug.crash_rank=0")  # the last save
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert (new / "manifest.json").is_file() and not (stage / "done.json").exists()
+    kept = (new / shard_name(0)).stat()  # the recorded shard was kept, not generated again
+    assert (kept.st_ino, kept.st_mtime_ns) == (first_shard.st_ino, first_shard.st_mtime_ns)
+    assert (stage / "train" / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert [r["step"] for r in read_steps(stage)] == [2, 4]  # step 4 logged, then killed in its save
+
+    assert_ok(rerun())
+    assert [r["step"] for r in read_steps(stage)] == [2, 4]  # the resume from step 2 logged step 4 again, once
     reference = evolving / "stage_02"
-    assert shard_hashes(run_dir / "stage_02" / "bank_new") == shard_hashes(reference / "bank_new")
-    assert [p.indices for p in read_composed(run_dir / "stage_02" / "bank").parts] == [
+    for k in (1, 2):
+        assert shard_hashes(run_dir / f"stage_{k:02d}" / "bank_new") == shard_hashes(
+            evolving / f"stage_{k:02d}" / "bank_new"
+        )
+    assert [p.indices for p in read_composed(stage / "bank").parts] == [
         p.indices for p in read_composed(reference / "bank").parts
     ]
     for which in ("raw", "ema"):
-        resumed = DiTFamily.from_pretrained(str(run_dir / "stage_02" / "model" / which)).denoiser.state_dict()
+        resumed = DiTFamily.from_pretrained(str(stage / "model" / which)).denoiser.state_dict()
         expected = DiTFamily.from_pretrained(str(reference / "model" / which)).denoiser.state_dict()
         for name, tensor in expected.items():
             torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_log_drops_the_steps_after_its_checkpoint_and_a_line_cut_short(tmp_path):
+    lines = [json.dumps({"step": step, "loss/total": 0.5}) for step in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')  # killed while writing
+    MetricsLogger(tmp_path, True, 4, 10, progress=False).close()  # the resume from step 4's checkpoint
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
 
 
 def shard_hashes(directory: Path) -> list[str]:
@@ -316,7 +369,8 @@ def test_the_example_stages_file_parses_and_names_its_missing_data(tmp_path):
 
 
 def test_a_stage_target_maps_its_classes_onto_the_run_table_and_replays_a_share_of_earlier_ones(chain, tmp_path):
-    stages = load_stages(str(chain["path"]), ["replay=0.25"])
+    shards = str(named_shards(tmp_path / "target2", 16, ["d", "e"], seed=12))  # stage 3 as shards, not images
+    stages = load_stages(str(chain["path"]), ["replay=0.25", f"stages.2.target={shards}", 'stages.2.images=""'])
     classes = ["a", "b", "c", "d", "e"]
     parts = stage_target_parts(stages, 2, classes)
     write_composed(tmp_path / "target", parts, {"classes": classes})
@@ -325,4 +379,5 @@ def test_a_stage_target_maps_its_classes_onto_the_run_table_and_replays_a_share_
     assert [target[i]["label"] for i in range(16)] == [3 + own[i]["label"] for i in range(16)]  # d, e -> 3, 4
     assert {target[i]["label"] for i in range(16, 24)} <= {0, 1, 2}
     assert parts[1].indices == keep_subset(16, 4, (0, 3, 1)) and stage_target_parts(stages, 2, classes) == parts
-    assert len(stage_target_parts(load_stages(str(chain["path"])), 2, classes)) == 1  # replay=0: this stage only
+    assert len(stage_target_parts(load_stages(str(chain["path"]), [f"stages.2.target={shards}", 'stages.2.images=""']),
+                                  2, classes)) == 1  # replay=0: this stage only  # fmt: skip

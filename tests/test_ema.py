@@ -96,3 +96,19 @@ def test_bad_loads_name_the_problem(runs):
 def test_bad_decay_names_the_key():
     with pytest.raises(ValueError, match=r"optim.ema_decay=1.5: the EMA decay must lie in \[0, 1\)"):
         ShardedEMA(None, 1.5)
+
+
+@pytest.mark.parametrize("world", ["one", "two"])
+def test_an_ema_started_from_a_folder_equals_it_and_each_rank_holds_one_tensor_at_a_time(runs, world):
+    """model.ema_from: streamed tensor by tensor into each rank's slice (ZeRO 0-3), never the whole folder."""
+    for name in CONFIGS:
+        found = runs[world][name]["ema_from"]
+        assert found["equals_folder"], (world, name)
+        for rank, reads in enumerate(found["ranks"]):
+            print(
+                f"{world} {name} rank {rank}: peak {reads['peak_live_bytes']} B of the folder's tensors alive at once "
+                f"(largest tensor {reads['largest_tensor_bytes']} B, folder {found['folder_bytes']} B, "
+                f"{reads['tensors_read']} tensors read), EMA slice {reads['ema_bytes']} B"
+            )
+            assert reads["peak_live_bytes"] == reads["largest_tensor_bytes"] > 0, (world, name, rank, reads)
+            assert reads["peak_live_bytes"] < found["folder_bytes"] / 4, (world, name, rank, reads)  # tiny: 1/5

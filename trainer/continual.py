@@ -22,15 +22,18 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 from data.composed import Part, keep_subset, resolve_parts, write_composed
 from data.files import atomic_write_bytes
 from data.formats import open_shard_set
+from data.images import list_image_folder
 from models.dit import ORIGINAL_FREQUENCIES_KEY, DiTFamily
 from trainer import distributed
 from trainer.config import Config, ConfigError
 from trainer.evaluation import evaluate
 from trainer.generate import generate_bank
 from trainer.loop import train
-from trainer.stages import StagesFile, fingerprint, stage_config, to_yaml
+from trainer.prepare import prepare_data
+from trainer.stages import StageConfig, StagesFile, fingerprint, stage_config, to_yaml
 
 DONE, TABLE, RECORD = "done.json", "results.json", "stages.yaml"
+PREPARED = "target_prepared"  # run_dir/stage_NN/target_prepared: the shards of a stage given as images
 
 
 def run_continual(stages: StagesFile, *, allow_stages_change: bool = False, until_stage: int = 0) -> Path:
@@ -49,7 +52,7 @@ def run_continual(stages: StagesFile, *, allow_stages_change: bool = False, unti
     previous: Path | None = None
     for number, stage in enumerate(stages.stages[: until_stage or None]):
         folder = run_dir / f"stage_{number + 1:02d}"
-        for name in class_names(stage.target):
+        for name in stage_classes(stage):
             if name not in classes:
                 classes.append(name)  # a new class gets the next id; earlier ids never move
         if not (folder / DONE).is_file():
@@ -75,6 +78,10 @@ def run_stage(
 ) -> None:
     stage, k = stages.stages[number], number + 1
     base = stage_config(stages, number, [])
+    if stage.images:  # prepared with the initial model's VAE, on every rank; a rerun builds only missing shards
+        extra = [f"prepare.images={stage.images}", f"model.pretrained={stages.pretrained}",
+                 f"data.target={stage_target(stages, number)}"]  # fmt: skip
+        prepare_data(stage_config(stages, number, extra))
     if rank == 0:  # the stage's target (and replayed earlier targets), class ids mapped onto the run's table
         write_composed(folder / "target", stage_target_parts(stages, number, classes), {"classes": classes})
     distributed.barrier()
@@ -143,13 +150,13 @@ def stage_bank(
 def stage_target_parts(stages: StagesFile, number: int, classes: list[str]) -> list[Part]:
     """Stage `number`'s target and, with `replay` > 0, a seeded share of every earlier stage's target."""
     k = number + 1
-    parts = [labelled_part(stages.stages[number].target, classes, {"stage": k})]
+    parts = [labelled_part(stage_target(stages, number), classes, {"stage": k})]
     for earlier in range(number if stages.replay else 0):
-        size = len_of(Path(stages.stages[earlier].target))
+        size = len_of(Path(stage_target(stages, earlier)))
         kept = keep_subset(size, round(size * stages.replay), (stages.bank.seed, k, earlier + 1))
         if kept:
             lineage = {"stage": earlier + 1, "replayed_in": k}
-            parts.append(labelled_part(stages.stages[earlier].target, classes, lineage, kept))
+            parts.append(labelled_part(stage_target(stages, earlier), classes, lineage, kept))
     return parts
 
 
@@ -207,6 +214,17 @@ def _vae(stages: StagesFile, base: Config) -> list[str]:
         Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None
     )
     return [f"model.dit.vae={vae}"] if vae else []
+
+
+def stage_target(stages: StagesFile, number: int) -> str:
+    """The shard directory of stage `number`'s target: its `target`, or where the driver prepares its `images`."""
+    stage = stages.stages[number]
+    return stage.target or str(Path(stages.run_dir) / f"stage_{number + 1:02d}" / PREPARED)
+
+
+def stage_classes(stage: StageConfig) -> list[str]:
+    """A stage's class names: its shards' manifest, or its ImageFolder's subfolders (as the prepare job names them)."""
+    return list_image_folder(stage.images).classes if stage.images else class_names(stage.target)
 
 
 def class_names(directory: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,8 +169,10 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
     num_todo = sum(len(ranges[j]) for j in todo)
     bar = tqdm(total=num_todo, desc=f"bank (rank 0 of {world})", unit="sample", disable=rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
-    for j in todo:
+    for written, j in enumerate(todo, start=1):
         write_owned_shard(directory, j, make_samples(ranges[j], bar.update), fields, ranges[j].start, fmt)
+        if written == cfg.debug.crash_after_shards and rank == cfg.debug.crash_rank:
+            os._exit(17)  # tests: a rank killed inside the job, its recorded shards complete, the rest not
     bar.close()
     distributed.barrier()
     seconds = time.perf_counter() - started

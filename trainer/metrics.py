@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from data.files import atomic_write_bytes
 from trainer import distributed
 
 NUM_T_BUCKETS = 10
@@ -28,7 +29,9 @@ class MetricsLogger:
             return
         self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
+        path = self.run_dir / "metrics.jsonl"
+        drop_lines_after(path, start_step)  # a resume redoes the steps after its checkpoint: log each step once
+        self.jsonl = open(path, "a")  # append: a resumed run continues the file
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -68,6 +71,20 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites `path` (atomically) without the lines of steps after `step`, and without a line a crash cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # the half-written last line of a killed run
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ConfigTypeError, ValidationError
 
 from data.formats import open_shard_set
+from data.images import list_image_folder
 from data.shards import ShardError
 from models.dit_weights import open_weights
 from trainer.config import ConfigError, load_config
@@ -27,6 +29,8 @@ REFRESH_FROM = ("previous", "initial")
 class StageConfig:
     name: str = ""  # for the table; default stage_NN
     target: str = ""  # shard directory of this stage's target data (with meta "classes": the class names)
+    images: str = ""  # or an ImageFolder (one subfolder per class), prepared by the driver into
+    # run_dir/stage_NN/target_prepared with the run config's prepare.* settings (give target or images)
     steps: int = 0  # training steps of this stage
     eval_data: str | None = None  # shards of this stage's held-out images; the evaluation accumulates them
     overrides: list[str] = field(default_factory=list)  # key=value run-config overrides for this stage only
@@ -73,7 +77,7 @@ def load_stages(path: str | None, overrides: list[str] = ()) -> StagesFile:
         raise ConfigError(
             f"stages file key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}. "
             "Valid keys are the fields of trainer/stages.py (pretrained, config, overrides, mode, run_dir, bank.*, "
-            "stages[i].target/steps/eval_data/overrides/name)"
+            "stages[i].target/images/steps/eval_data/overrides/name)"
         ) from None
     stages: StagesFile = OmegaConf.to_object(cfg)
     check_stages(stages)
@@ -103,12 +107,18 @@ def check_stages(stages: StagesFile) -> None:
     known: set[str] = set()  # the class names of the targets so far: the table a held-out set is sampled from
     for number, stage in enumerate(stages.stages):
         key = f"stages[{number}]"
-        if not stage.target:
-            raise ConfigError(f"{key}.target is not set: every stage needs its target data (a shard directory)")
+        if bool(stage.target) == bool(stage.images):
+            raise ConfigError(
+                f"{key}.target and {key}.images are {'both' if stage.target else 'neither'} set: every stage needs "
+                "its target data, either target (a shard directory) or images (an ImageFolder the driver prepares)"
+            )
         if stage.steps < 1:
             raise ConfigError(f"{key}.steps={stage.steps} must be at least 1")
         stage_config(stages, number, [])  # its overrides are valid run-config keys
-        known.update(check_stage_data(f"{key}.target", stage.target, shape))
+        if stage.target:
+            known.update(check_stage_data(f"{key}.target", stage.target, shape))
+        else:
+            known.update(check_stage_images(f"{key}.images", stages, number, shape))
         if stage.eval_data:
             unknown = sorted(set(check_stage_data(f"{key}.eval_data", stage.eval_data, shape)) - known)
             if unknown:
@@ -161,6 +171,30 @@ def check_stage_data(key: str, folder: str, shape: tuple[int, ...]) -> list[str]
         return list(classes)
     finally:
         dataset.close()
+
+
+def check_stage_images(key: str, stages: StagesFile, number: int, shape: tuple[int, ...]) -> list[str]:
+    """A stage's ImageFolder: listable, and prepared at a resolution that gives the model's sample shape; returns
+    the class names (its subfolders, sorted, as the prepare job names them)."""
+    folder = stages.stages[number].images
+    try:
+        classes = list_image_folder(folder).classes
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}={folder}: {err}") from None
+    cfg = stage_config(stages, number, [])
+    vae = cfg.model.vae or (Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None)
+    factor, channels = 1, 3
+    if vae is not None:
+        vae_config = AutoencoderKL.load_config(str(vae))
+        factor, channels = 2 ** (len(vae_config["block_out_channels"]) - 1), vae_config["latent_channels"]
+    resolution = cfg.prepare.resolution
+    got = (channels, resolution // factor, resolution // factor)
+    if resolution % factor or got != tuple(shape):
+        raise ConfigError(
+            f"{key}={folder}: prepare.resolution={resolution} gives samples of shape {got} but the model samples "
+            f"{tuple(shape)}: set prepare.resolution={shape[-1] * factor} in the stages file's overrides"
+        )
+    return classes
 
 
 def fingerprint(stages: StagesFile) -> str:
