@@ -22,7 +22,7 @@ def start_ema_from(ema: ShardedEMA, cfg: Config) -> None:
     m = cfg.model
     fill_ema_from_folder(
         ema, Path(m.ema_from), num_classes=m.num_classes, class_init=m.class_init, seed=cfg.train.seed,
-        num_attention_heads=m.num_attention_heads, key=f"model.ema_from={m.ema_from}",
+        num_attention_heads=m.dit.num_attention_heads, key=f"model.ema_from={m.ema_from}",
     )  # fmt: skip
 
 

@@ -182,7 +182,7 @@ def check_stage_images(key: str, stages: StagesFile, number: int, shape: tuple[i
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}={folder}: {err}") from None
     cfg = stage_config(stages, number, [])
-    vae = cfg.model.vae or (Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None)
+    vae = cfg.model.dit.vae or (Path(stages.pretrained) / "vae" if (Path(stages.pretrained) / "vae").is_dir() else None)
     factor, channels = 1, 3
     if vae is not None:
         vae_config = AutoencoderKL.load_config(str(vae))
