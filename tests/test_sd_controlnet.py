@@ -17,7 +17,7 @@ from PIL import Image
 from launch.train import main
 from models.annotators import canny
 from models.sd_controlnet import DEFAULT_PROMPT, SDControlNetFamily
-from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics, run_entry
+from tests.conftest import ROOT, assert_ok, child_env, copy_as_stopped_after, free_port, read_metrics, run_entry
 from tests.tiny_sd import fingerprint, make_tiny_sd, no_leaked_shm, sd_train_args, shape_image, tiny_sd  # noqa: F401
 from trainer.ema import read_saved
 
@@ -178,7 +178,7 @@ def test_frozen_parts_stay_bit_identical_and_out_of_checkpoints(tiny_sd, tmp_pat
                "text_encoder": fingerprint(family.text_encoder)}  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     reports = probe(tiny_sd, tmp_path / "probe_straight", straight, *common)
-    reports += probe(tiny_sd, tmp_path / "probe_first", resumed, *common, "train.steps=2")
+    copy_as_stopped_after(straight, resumed, 2)
     reports += probe(tiny_sd, tmp_path / "probe_resumed", resumed, *common, resume=True)
     for report in reports:
         assert report["status"] == 0
