@@ -23,7 +23,9 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMSchedul
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.annotators import synthetic_controls
+from models.family import combined_sha256
 from models.noise.ddpm import DDPMProcess
+from models.vae import Generators, vae_downsampling, vae_encode
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
 PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
@@ -121,7 +123,7 @@ class SDControlNetFamily:
     @property
     def image_size(self) -> int:
         """Pixels per side of images and controls: the latent size times the VAE's downsampling."""
-        return self.sample_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.sample_shape[-1] * self.latent_downsampling
 
     @property
     def null_condition(self) -> torch.Tensor:
@@ -217,6 +219,23 @@ class SDControlNetFamily:
         model.load_state_dict(state_dict)
         return model.eval()
 
+    # --- model space, sampler and fingerprint: what the data jobs and the evaluation use -------------
+    @property
+    def latent_downsampling(self) -> int:
+        return vae_downsampling(self.vae)
+
+    def encode(self, pixels: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """One scaled sample of the VAE's posterior per image."""
+        return vae_encode(self.vae, pixels, generator)
+
+    def frozen_fingerprint(self) -> str:
+        """The frozen UNet's, VAE's and text encoder's weights (the ControlNet is the part that trains)."""
+        return combined_sha256([self.unet, self.vae, self.text_encoder])
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """DDIM over SD's own schedule."""
+        return DDIMScheduler.from_config(self.scheduler_config)
+
     # --- sampling and export ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(
@@ -234,7 +253,7 @@ class SDControlNetFamily:
         """DDIM (eta 0) samples for prompt `tokens` and uint8 HWC `controls`, guided against the empty prompt
         with the control kept (as ControlNet samples). Without a ControlNet, plain SD (the bank's generator).
         Decoded to pixels in [-1, 1] if `decode`, else model-space latents."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler = self.sampling_scheduler()
         scheduler.set_timesteps(num_steps)
         device = self.unet.device
         if noise is None:
