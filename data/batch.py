@@ -22,7 +22,7 @@ class MicroBatch:
     t: torch.Tensor
     condition: dict[str, torch.Tensor]  # the family's condition fields (DiT: label), null where `null_condition`
     null_condition: torch.Tensor
-    is_bank: torch.Tensor
+    is_retention: torch.Tensor  # slots of the retention source: bank samples, or the slots KD distils on
     ids: np.ndarray  # (slot, source, index) of each sample: what was consumed, for the sample ledger
 
     def _map(self, move) -> MicroBatch:
@@ -32,7 +32,7 @@ class MicroBatch:
             t=move(self.t),
             condition={k: move(v) for k, v in self.condition.items()},
             null_condition=move(self.null_condition),
-            is_bank=move(self.is_bank),
+            is_retention=move(self.is_retention),
             ids=self.ids,
         )
 
@@ -84,7 +84,7 @@ def load_micro_batch(
             for i, name in enumerate(condition_fields)
         },
         null_condition=torch.from_numpy(plan.null_condition[at]),
-        is_bank=torch.from_numpy(plan.source[at] == BANK),
+        is_retention=torch.from_numpy(plan.source[at] == BANK),
         ids=np.stack([slots, plan.source[at], plan.index[at]], axis=1),
     )
 

@@ -28,8 +28,10 @@ from models.dit_weights import (
     relabelled,
     stream_into,
 )
+from models.family import state_sha256
 from models.noise.ddpm import DDPMProcess
 from models.samplers import DDPM_SAMPLERS, ddpm_sampler
+from models.vae import Generators, vae_decode, vae_downsampling, vae_encode
 
 # DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
 DITPIPELINE_NULL_CLASS = 1000
@@ -249,11 +251,29 @@ class DiTFamily:
         cond, uncond = both[:, :channels].chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    @torch.no_grad()
+    # --- model space: pixels <-> what the shards hold -------------------------------------------------
+    @property
+    def latent_downsampling(self) -> int:
+        return 1 if self.vae is None else vae_downsampling(self.vae)
+
+    def encode(self, pixels: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """The pixels themselves (as float32) in pixel space; with a VAE, one scaled posterior sample per image."""
+        if self.vae is not None:
+            return vae_encode(self.vae, pixels, generator)
+        if self.latent_space:
+            raise ValueError(
+                "model.pretrained is a DiT that samples latents but no VAE comes with it, so images cannot be "
+                "encoded: set model.vae to a local AutoencoderKL folder (DiT's sd-vae-ft-ema or -mse)"
+            )
+        return pixels.float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
-        latents = latents.to(self.vae.device, self.vae.dtype)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        """Scaled latents to pixels in [-1, 1] with the VAE; without one, the samples clamped to [-1, 1]."""
+        return latents.clamp(-1, 1) if self.vae is None else vae_decode(self.vae, latents)
+
+    def frozen_fingerprint(self) -> str | None:
+        """The VAE's weights (the transformer is the part that trains); None in pixel space."""
+        return None if self.vae is None else state_sha256(self.vae)
 
     def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
         """A fixed set of samples (classes in turn, fixed noise) for the grids logged during training."""

@@ -2,11 +2,13 @@
 
 A family is one module behind this interface (`models/dit.py`, `models/dit_edm.py`, `models/sd_controlnet.py`),
 registered by name in `models/__init__.py`. Its denoiser is the module that trains (DeepSpeed wraps it); the parts
-that do not train (VAE, frozen UNet, text encoder) stay plain attributes of the family.
+that do not train (VAE, frozen UNet, text encoder) stay plain attributes of the family: code outside the family
+reaches them only through these members (`encode`, `decode`, `place_frozen`, `frozen_fingerprint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,20 +74,49 @@ class ModelFamily(Protocol):
 
     samplers: tuple[str, ...]  # the samplers `sampling_scheduler` offers (models/samplers.py); the first: `sample`'s
 
-    def sampling_scheduler(self, sampler: str) -> Any:
-        """A diffusers scheduler over the family's noise schedule, by name (one of `samplers`)."""
+    def sampling_scheduler(self, sampler: str = ...) -> Any:
+        """A diffusers scheduler over the family's noise schedule, by name (one of `samplers`; by default the first,
+        the one `sample` steps with); its `.config` holds the sampler settings (e.g. clip_sample)."""
 
     def sample(self, denoiser: torch.nn.Module, *conditions: Any, **options: Any) -> torch.Tensor:
         """Samples for the given conditions (the bank's generator, the evaluation's sampler)."""
 
+    @property
+    def latent_downsampling(self) -> int:
+        """Pixels per model-space pixel along a side: 1 for pixel-space families, the VAE's factor otherwise."""
+
+    def encode(self, pixels: torch.Tensor, generator: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) to the model space the shards hold: the pixels themselves, or one sample
+        of the VAE's posterior times its scaling factor (one generator per image: each latent depends on its seed
+        only). On the device of the frozen parts (`place_frozen`)."""
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space samples to pixels in [-1, 1] (families with a VAE)."""
+        """Model-space samples to pixels in [-1, 1] (pixel-space families: the samples, clamped)."""
+
+    def frozen_fingerprint(self) -> str | None:
+        """sha256 over the weights of the parts that do not train (None when there are none): the data jobs record
+        it in job.json, so that a rerun with other frozen weights at the same path is refused."""
 
     def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
         """A fixed set of samples for the grids logged during training."""
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """Writes a folder that the family's library loads (diffusers) and `from_pretrained` loads back."""
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """Fingerprint of a module's weights (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def combined_sha256(modules: list[torch.nn.Module]) -> str:
+    """One fingerprint of several modules' weights, in order."""
+    return hashlib.sha256("".join(state_sha256(module) for module in modules).encode()).hexdigest()
 
 
 def missing_members(family: type | object) -> list[str]:

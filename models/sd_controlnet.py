@@ -24,8 +24,10 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.annotators import synthetic_controls
+from models.family import combined_sha256
 from models.noise.ddpm import DDPMProcess
 from models.samplers import DDPM_SAMPLERS, ddpm_sampler
+from models.vae import Generators, vae_downsampling, vae_encode
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
 PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
@@ -137,7 +139,7 @@ class SDControlNetFamily:
     @property
     def image_size(self) -> int:
         """Pixels per side of images and controls: the latent size times the VAE's downsampling."""
-        return self.sample_shape[-1] * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.sample_shape[-1] * self.latent_downsampling
 
     @property
     def null_condition(self) -> torch.Tensor:
@@ -232,6 +234,19 @@ class SDControlNetFamily:
         model = ControlNetModel.from_config(self.controlnet.config)
         model.load_state_dict(state_dict)
         return model.eval()
+
+    # --- model space, sampler and fingerprint: what the data jobs and the evaluation use -------------
+    @property
+    def latent_downsampling(self) -> int:
+        return vae_downsampling(self.vae)
+
+    def encode(self, pixels: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """One scaled sample of the VAE's posterior per image."""
+        return vae_encode(self.vae, pixels, generator)
+
+    def frozen_fingerprint(self) -> str:
+        """The frozen UNet's, VAE's and text encoder's weights (the ControlNet is the part that trains)."""
+        return combined_sha256([self.unet, self.vae, self.text_encoder])
 
     # --- sampling and export ----------------------------------------------------------------------
     @torch.no_grad()

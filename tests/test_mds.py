@@ -124,7 +124,7 @@ def test_same_global_batches_as_webdataset(tmp_path):
         for rank in range(2):
             slots = slot_ids(rank=rank, micro_step=0, world_size=2, accumulation_steps=1, micro_batch_size=4)
             tar, mds = (load_micro_batch(plan, slots, sources[backend]) for backend in ("tar", "mds"))
-            for name in ("x0", "noise", "t", "null_condition", "is_bank"):
+            for name in ("x0", "noise", "t", "null_condition", "is_retention"):
                 assert torch.equal(getattr(tar, name), getattr(mds, name)), name
             assert tar.condition.keys() == mds.condition.keys() == {"label"}
             assert torch.equal(tar.condition["label"], mds.condition["label"])

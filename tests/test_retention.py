@@ -37,7 +37,7 @@ def micro_batch(sources: list[int], t: list[int], seed: int = 0) -> MicroBatch:
     is_kd = torch.tensor(sources) == BANK
     return MicroBatch(
         x0=x0, noise=torch.randn(x0.shape, generator=generator), t=torch.tensor(t),
-        condition={"label": torch.tensor([1, 3, 0, 2, 1][:n])}, null_condition=is_kd, is_bank=is_kd,
+        condition={"label": torch.tensor([1, 3, 0, 2, 1][:n])}, null_condition=is_kd, is_retention=is_kd,
         ids=np.stack([np.arange(n), np.array(sources), np.arange(n)], axis=1),
     )  # fmt: skip
 
@@ -79,7 +79,7 @@ def test_kd_loss_equals_a_hand_computation(tiny):
     assert (losses[kd_rows] > 0).all()
 
     # Weighted as the bank is: mean over the global target slots + kd_weight x mean over the global KD slots.
-    weights = source_weights(batch.is_bank, 3, 2, retention.loss_weight)
+    weights = source_weights(batch.is_retention, 3, 2, retention.loss_weight)
     total = (losses * weights).sum()
     torch.testing.assert_close(total, losses[target_rows].mean() + 0.05 * losses[kd_rows].mean(), rtol=1e-6, atol=0)
     total.backward()  # the KD slots' loss reaches the student, never the frozen teacher

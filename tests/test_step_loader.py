@@ -57,7 +57,7 @@ def rank_slots(rank, world_size=2, accumulation=2, micro=2):
 def assert_same_batches(got, expected):
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
-        for name in ("x0", "noise", "t", "null_condition", "is_bank"):
+        for name in ("x0", "noise", "t", "null_condition", "is_retention"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(a.condition["label"], b.condition["label"])
         np.testing.assert_array_equal(a.ids, b.ids)

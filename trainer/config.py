@@ -243,7 +243,7 @@ class DebugConfig:
     nan_steps: int = 1
     nan_rank: int = 0
     crash_in_save_step: int = -1  # rank `crash_rank` dies after writing its part of this step's checkpoint
-    crash_after_shards: int = -1  # rank `crash_rank` dies after writing and recording this many shards of a shard job
+    crash_after_shards: int = -1  # shard jobs (prepare, bank): rank `crash_rank` exits (17) after this many shards
     crash_rank: int = 1
 
 

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 
 from data.composed import Part, keep_subset, resolve_parts, write_composed
 from data.files import atomic_write_bytes
@@ -204,7 +204,7 @@ def save_stage_model(export: Path, num_classes: int, out: Path) -> None:
         if family.original_timestep_frequencies:
             config_path = tmp / "transformer" / "config.json"
             config_path.write_text(json.dumps({**json.loads(config_path.read_text()), ORIGINAL_FREQUENCIES_KEY: True}))
-        DDIMScheduler.from_config(family.scheduler_config).save_pretrained(tmp / "scheduler")
+        family.sampling_scheduler().save_pretrained(tmp / "scheduler")
         os.replace(tmp, target)
 
 

@@ -77,7 +77,7 @@ def open_image_set(path: str, family, image_size: int, key: str = "eval.referenc
         if tuple(x.shape[1:]) != tuple(family.sample_shape):
             shape = tuple(x.shape[1:])
             raise ValueError(f"{key}={path}: 'x' has shape {shape} but the model samples {family.sample_shape}")
-        return to_uint8(x if family.vae is None else family.decode(x).cpu())
+        return to_uint8(family.decode(x).cpu())
 
     return ImageSet(len(dataset), read_shards, manifest_sha, dataset.manifest.meta.get("classes"))
 
@@ -150,9 +150,8 @@ def image_maps(fields: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def image_size_of(family) -> int:
-    """Side of the decoded samples: the latent side times the VAE's downsampling."""
-    side = family.sample_shape[-1]
-    return side if family.vae is None else side * 2 ** (len(family.vae.config.block_out_channels) - 1)
+    """Side of the decoded samples: the model-space side times the family's downsampling (its VAE's)."""
+    return family.sample_shape[-1] * family.latent_downsampling
 
 
 @torch.no_grad()

@@ -9,29 +9,20 @@ incomplete shards. A second model can take over the last reverse steps (the repl
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data.shard_jobs import (
-    claim_directory,
     derived_seed,
-    merge_manifest,
-    shard_ranges,
-    shards_to_build,
-    write_owned_shard,
 )
-from data.shards import ShardError
 from models import family_class
-from trainer import distributed
+from models.family import state_sha256
 from trainer.config import Config
 from trainer.evaluation_data import ConditionSet
-from trainer.generate import state_sha256
+from trainer.shard_job import ShardJob
 
 SAMPLE_FIELDS = {"image": "png", "label": "cls", "meta": "json"}
 CONDITIONED_SAMPLE_FIELDS = {"image": "png", "meta": "json"}  # the entry's conditions stay in eval.data
@@ -121,8 +112,7 @@ def sample_images(
         x_in = scheduler.scale_model_input(x, t)
         eps = model.family.guided_epsilon(model.module, x_in, t, condition_of[id(model)], guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
-    family = chain[-1][0].family
-    pixels = x.clamp(-1, 1) if family.vae is None else family.decode(x)
+    pixels = chain[-1][0].family.decode(x)
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
@@ -132,18 +122,8 @@ def sample_start(seed: int, index: int, num_classes: int, shape: tuple[int, ...]
     return index % num_classes, noise
 
 
-def frozen_parts_sha256(family, denoiser: torch.nn.Module) -> str:
-    """Fingerprint of the modules a family holds besides the denoiser (VAE, frozen UNet, text encoder): they
-    decide the samples' bytes too."""
-    modules = sorted((name, m) for name, m in vars(family).items() if isinstance(m, torch.nn.Module))
-    parts = "".join(f"{name}:{state_sha256(m)}" for name, m in modules if m is not denoiser)
-    return hashlib.sha256(parts.encode()).hexdigest()
-
-
 def chain_fingerprint(chain: list[tuple[Denoiser, int]]) -> list:
-    return [
-        [state_sha256(model.module), frozen_parts_sha256(model.family, model.module), steps] for model, steps in chain
-    ]
+    return [[state_sha256(model.module), model.family.frozen_fingerprint(), steps] for model, steps in chain]
 
 
 def write_sample_set(
@@ -152,8 +132,6 @@ def write_sample_set(
 ) -> Path:  # fmt: skip
     """Fills `directory` with settings["num_samples"] samples of `chain`; complete shards are kept. With
     `conditions`, sample i takes those of entry i mod len(conditions) (recorded in its meta as "eval_index")."""
-    job = {"kind": "eval_samples", "chain": chain_fingerprint(chain), **settings}
-    claim_directory(directory, job, "eval.out")
     num, per_shard, batch_size = settings["num_samples"], settings["samples_per_shard"], settings["batch_size"]
     shape, first = tuple(settings["sample_shape"]), chain[0][0]
 
@@ -187,27 +165,11 @@ def write_sample_set(
                 yield {"image": image, "label": int(labels[position]), "meta": {"index": i, "seed": settings["seed"]}}
 
     fields, make = (SAMPLE_FIELDS, samples) if conditions is None else (CONDITIONED_SAMPLE_FIELDS, conditioned_samples)
-    ranges = shard_ranges(num, per_shard)
-    todo = shards_to_build(directory, ranges, rank, world)
-    num_todo = sum(len(ranges[j]) for j in todo)
-    bar = tqdm(total=num_todo, desc=f"samples (rank 0 of {world})", unit="image", disable=rank != 0)
-    started = time.perf_counter()
-    for j in todo:
-        write_owned_shard(directory, j, make(ranges[j], bar.update), fields, ranges[j].start)
-    bar.close()
-    distributed.barrier()
-    sampled = int(distributed.all_reduce_sum(torch.tensor([float(num_todo)], device=device)).item())
-    error = None
-    if rank == 0:
-        try:
-            merge_manifest(directory, num, per_shard, fields, {"kind": "eval_samples", **settings})
-        except ShardError as err:
-            error = err
-    if distributed.any_rank(error is not None, device):
-        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
-    seconds = time.perf_counter() - started
+    job = ShardJob(directory, {"kind": "eval_samples", "chain": chain_fingerprint(chain), **settings}, "eval.out",
+                   rank=rank, world=world, device=device)  # fmt: skip
+    result = job.run(num, per_shard, fields, make, {"kind": "eval_samples", **settings}, unit="image")
     log(
-        f"samples: {sampled} sampled ({num - sampled} already complete) in {seconds:.1f} s on {world} rank(s) "
-        f"-> {directory}"
+        f"samples: {result.num_built} sampled ({num - result.num_built} already complete) in {result.seconds:.1f} s "
+        f"on {world} rank(s) -> {directory}"
     )
     return directory

@@ -9,47 +9,27 @@ ones; rank 0 writes the manifest once every shard is complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from data.files import atomic_write_bytes
-from data.formats import open_shard_set, shard_format
-from data.shard_jobs import (
-    claim_directory,
-    merge_manifest,
-    shard_ranges,
-    shards_to_build,
-    write_owned_shard,
-)
-from data.shards import ShardError
+from data.formats import open_shard_set
 from models.annotators import annotate_batch, annotator_for, to_uint8
+from models.family import state_sha256
 from trainer import distributed
 from trainer.config import BankConfig, Config, ConfigError
 from trainer.metrics import image_grid
 from trainer.setup import load_family
+from trainer.shard_job import ShardJob, shard_job_settings
 
 BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
 CONTROLNET_BANK_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
 GENERATOR_VERSION = 2  # bump when the recipe below changes, so that old banks are not extended with new samples
-
-
-def state_sha256(module: torch.nn.Module) -> str:
-    """Fingerprint of a module's weights, so that a rerun with other weights at the same path is refused."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_bank_config(bank: BankConfig) -> None:
@@ -119,7 +99,7 @@ def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, 
         denoiser = family.denoiser.to(device).eval()
         settings = {
             "weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition,
-            "clip_sample": family.scheduler_config.get("clip_sample"),  # EDM sampling has no x0 clipping
+            "clip_sample": family.sampling_scheduler().config.get("clip_sample"),  # EDM's sampler has no x0 clip
             "original_timestep_frequencies": family.original_timestep_frequencies,
         }  # fmt: skip
         return BANK_FIELDS, settings, lambda indices, on_batch: bank_samples(family, denoiser, indices, bank, on_batch)
@@ -131,9 +111,8 @@ def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, 
         )
     family.place_frozen(device)
     prompts = list(bank.prompts) or [m.default_prompt]
-    parts = "".join(state_sha256(part) for part in (family.unet, family.vae, family.text_encoder))
     settings = {
-        "weights_sha256": hashlib.sha256(parts.encode()).hexdigest(), "control": m.control, "annotator": m.annotator,
+        "weights_sha256": family.frozen_fingerprint(), "control": m.control, "annotator": m.annotator,
         "canny_thresholds": list(m.canny_thresholds), "prompts": prompts, "null_tokens": family.null_tokens.tolist(),
     }  # fmt: skip
     samples = lambda indices, on_batch: controlnet_bank_samples(family, annotate, prompts, indices, bank, on_batch)  # noqa: E731
@@ -161,23 +140,7 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
         "seed": bank.seed,
         "format": cfg.data.format,
     }
-    claim_directory(directory, job, "data.bank")  # every rank reads the same job.json: all fail alike
-
-    ranges = shard_ranges(bank.num_samples, bank.samples_per_shard)
-    fmt = shard_format(cfg.data.format)
-    todo = shards_to_build(directory, ranges, rank, world, fmt)
-    num_todo = sum(len(ranges[j]) for j in todo)
-    bar = tqdm(total=num_todo, desc=f"bank (rank 0 of {world})", unit="sample", disable=rank != 0, dynamic_ncols=True)
-    started = time.perf_counter()
-    for written, j in enumerate(todo, start=1):
-        write_owned_shard(directory, j, make_samples(ranges[j], bar.update), fields, ranges[j].start, fmt)
-        if written == cfg.debug.crash_after_shards and rank == cfg.debug.crash_rank:
-            os._exit(17)  # tests: a rank killed inside the job, its recorded shards complete, the rest not
-    bar.close()
-    distributed.barrier()
-    seconds = time.perf_counter() - started
-    generated = int(distributed.all_reduce_sum(torch.tensor([num_todo], dtype=torch.float64, device=device)).item())
-
+    shard_job = ShardJob(directory, job, "data.bank", **shard_job_settings(cfg, rank, world, device))
     meta = {
         "kind": "bank",
         "generator": {
@@ -190,16 +153,11 @@ def _generate_bank(cfg: Config, rank: int, world: int, device: torch.device) -> 
         },
         **{key: value for key, value in settings.items() if key != "weights_sha256"},
     }
-    error = None
-    if rank == 0:
-        try:
-            merge_manifest(directory, bank.num_samples, bank.samples_per_shard, fields, meta, fmt)
-            if bank.preview:
-                write_preview(family, directory, bank.preview, device)
-        except ShardError as err:
-            error = err
-    if distributed.any_rank(error is not None, device):  # so that no rank waits for a rank 0 that failed
-        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
+    preview = (lambda: write_preview(family, directory, bank.preview, device)) if bank.preview else None
+    result = shard_job.run(
+        bank.num_samples, bank.samples_per_shard, fields, make_samples, meta, finish=preview, progress="bank"
+    )
+    generated, seconds = result.num_built, result.seconds
     if rank == 0:
         print(
             f"bank: {generated} samples generated ({bank.num_samples - generated} already complete) in {seconds:.2f} s "
@@ -214,11 +172,8 @@ def write_preview(family, directory: Path, num_images: int, device: torch.device
     dataset = open_shard_set(directory, verify="none")  # just checked by merge_manifest
     x = torch.from_numpy(np.stack([dataset[i]["x"] for i in range(min(num_images, len(dataset)))]))
     dataset.close()
-    if family.vae is None:
-        images = x
-    else:
-        family.vae.to(device)
-        images = family.decode(x.to(device))
+    family.place_frozen(device)
+    images = family.decode(x.to(device))
     buffer = io.BytesIO()
     Image.fromarray(image_grid(images)).save(buffer, format="PNG")
     path = directory / "preview.png"

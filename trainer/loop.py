@@ -147,7 +147,7 @@ class StepFunction:
     def __call__(self, step: int, micro_batches: list[MicroBatch]) -> torch.Tensor:
         self.optimizer.begin_step()
         for host_batch in micro_batches:
-            weights = source_weights(host_batch.is_bank, *self.counts).to(self.device, non_blocking=True)
+            weights = source_weights(host_batch.is_retention, *self.counts).to(self.device, non_blocking=True)
             batch = host_batch.to(self.device)
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
@@ -158,7 +158,7 @@ class StepFunction:
             self.optimizer.note_losses(losses)
             self.engine.backward((losses * weights).sum() * self.loss_scale)
             self.engine.step()
-            self.stats.add(losses.detach(), weights, batch.is_bank, batch.t)
+            self.stats.add(losses.detach(), weights, batch.is_retention, batch.t)
         applied = self.optimizer.finish_step(step + 1)
         self.stats.finish_step(self.cfg.train.global_batch_size, self.optimizer.grad_norm)
         return applied

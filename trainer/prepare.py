@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data.files import atomic_write_bytes
-from data.formats import shard_format
 from data.images import (
     CaptionListing,
     ImageFolderListing,
@@ -34,20 +32,12 @@ from data.images import (
     parse_background,
     scan_images,
 )
-from data.shard_jobs import (
-    claim_directory,
-    derived_seed,
-    merge_manifest,
-    shard_ranges,
-    shards_to_build,
-    write_owned_shard,
-)
-from data.shards import ShardError
+from data.shard_jobs import derived_seed, shard_ranges
 from models.annotators import annotator_for, as_control
 from trainer import distributed
 from trainer.config import Config, ConfigError, PrepareConfig
-from trainer.generate import state_sha256
 from trainer.setup import load_family
+from trainer.shard_job import ShardJob, shard_job_settings
 
 REPORT_NAME = "report.json"
 CONTROLNET_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
@@ -62,31 +52,25 @@ def target_fields(hflip_views: bool) -> dict[str, str]:
 
 def check_resolution(family, resolution: int) -> None:
     """The encoded image must have the denoiser's input shape; say which resolution would fit."""
-    if family.vae is None:
-        factor, channels = 1, 3
-    else:
-        factor, channels = 2 ** (len(family.vae.config.block_out_channels) - 1), family.vae.config.latent_channels
-    got = (channels, resolution // factor, resolution // factor)
+    factor = family.latent_downsampling
+    # One block of factor x factor pixels encodes to one model-space pixel: its channels are the encoding's.
+    probe = family.encode(torch.zeros(1, 3, factor, factor), torch.Generator().manual_seed(0))
+    got = (probe.shape[1], resolution // factor, resolution // factor)
     if resolution % factor or got != tuple(family.sample_shape):
         raise ConfigError(
-            f"prepare.resolution={resolution} gives {'latents' if family.vae else 'images'} of shape {got}, but the "
+            f"prepare.resolution={resolution} gives {'latents' if factor > 1 else 'images'} of shape {got}, but the "
             f"model expects {tuple(family.sample_shape)}: set prepare.resolution={family.sample_shape[-1] * factor}"
         )
 
 
-def encode(family, images: np.ndarray, seed: int, indices: range, view: int, device: torch.device) -> np.ndarray:
-    """Model-space x of a batch of images in [-1, 1].
+def encode(family, images: np.ndarray, seed: int, indices: range, view: int) -> np.ndarray:
+    """Model-space x of a batch of images in [-1, 1] (`family.encode`).
 
     With a VAE we store ONE posterior sample per view, drawn from a generator seeded by (seed, index, view):
     it is reproducible whatever the batching or number of ranks, takes half the storage of mean + std, and is
     what DiT-style training sees anyway (a sample of the posterior, not its mean)."""
-    if family.vae is None:
-        return images.astype(np.float32)
-    x = torch.from_numpy(images).to(device, next(family.vae.parameters()).dtype)
     generators = [torch.Generator().manual_seed(derived_seed(seed, i, view)) for i in indices]
-    with torch.no_grad():
-        latents = family.vae.encode(x).latent_dist.sample(generator=generators) * family.vae.config.scaling_factor
-    return latents.float().cpu().numpy()
+    return family.encode(torch.from_numpy(images), generators).float().cpu().numpy()
 
 
 def target_samples(
@@ -95,7 +79,6 @@ def target_samples(
     files: list[tuple[str, int]],
     indices: range,
     prepare: PrepareConfig,
-    device: torch.device,
     on_batch: Callable[[int], None],
 ) -> Iterator[dict]:
     """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
@@ -106,7 +89,7 @@ def target_samples(
         images = load_images(paths, prepare.resolution, NUM_THREADS, background)
         # A flip in latent space is not the latent of the flipped image: the flipped image is encoded too.
         views = {"x": images, "x_flip": hflip(images)} if prepare.hflip else {"x": images}
-        encoded = {name: encode(family, view, prepare.seed, batch, VIEWS[name], device) for name, view in views.items()}
+        encoded = {name: encode(family, view, prepare.seed, batch, VIEWS[name]) for name, view in views.items()}
         on_batch(len(batch))
         for position, i in enumerate(batch):
             path, label = files[i]
@@ -159,15 +142,14 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
         "kind": "target",
         "files_sha256": listing_sha256(listing),
         "classes": listing.classes,
-        "encoder_sha256": None if family.vae is None else state_sha256(family.vae),
+        "encoder_sha256": family.frozen_fingerprint(),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "hflip", "seed")},
         "background": list(parse_background(prepare.background)),  # "white" and "255,255,255" are one setting
         "format": cfg.data.format,
     }
-    claim_directory(directory, job, "data.target")
-    if family.vae is not None:
-        family.vae.to(device)
+    shard_job = ShardJob(directory, job, "data.target", **shard_job_settings(cfg, rank, world, device))
+    family.place_frozen(device)
 
     if rank == 0:
         print(f"prepare: checking {len(listing.files)} images in {listing.root} on {world} rank(s)", flush=True)
@@ -177,27 +159,14 @@ def _prepare_data(cfg: Config, rank: int, world: int, device: torch.device) -> P
     if not files:
         raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.files)} images can be read")
     fields = target_fields(prepare.hflip)
-    ranges = shard_ranges(len(files), prepare.samples_per_shard)
-    fmt = shard_format(cfg.data.format)
-    todo = shards_to_build(directory, ranges, rank, world, fmt)
-    total = sum(len(ranges[j]) for j in todo)
-    bar = tqdm(total=total, desc=f"prepare (rank 0 of {world})", unit="image", disable=rank != 0, dynamic_ncols=True)
-    for j in todo:
-        samples = target_samples(family, listing, files, ranges[j], prepare, device, bar.update)
-        write_owned_shard(directory, j, samples, fields, ranges[j].start, fmt)
-    bar.close()
-    distributed.barrier()
-
-    error = None
-    if rank == 0:
-        try:
-            meta = {"kind": "target", "classes": listing.classes, "source": str(listing.root.resolve()), **job}
-            merge_manifest(directory, len(files), prepare.samples_per_shard, fields, meta, fmt)
-            write_report(directory, listing, files, bad, len(ranges), transparent, job["background"])
-        except ShardError as err:
-            error = err
-    if distributed.any_rank(error is not None, device):
-        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
+    num_shards = len(shard_ranges(len(files), prepare.samples_per_shard))
+    meta = {"kind": "target", "classes": listing.classes, "source": str(listing.root.resolve()), **job}
+    shard_job.run(
+        len(files), prepare.samples_per_shard, fields,
+        lambda indices, on_batch: target_samples(family, listing, files, indices, prepare, on_batch), meta,
+        finish=lambda: write_report(directory, listing, files, bad, num_shards, transparent, job["background"]),
+        progress="prepare", unit="image",
+    )  # fmt: skip
     return directory
 
 
@@ -269,55 +238,42 @@ def _prepare_controlnet_data(cfg: Config, rank: int, world: int, device: torch.d
     job = {
         "kind": "target", "files_sha256": caption_listing_sha256(listing), "control": sd.control,
         "annotator": sd.annotator, "canny_thresholds": list(sd.canny_thresholds),
-        "encoder_sha256": state_sha256(family.vae), "null_tokens": family.null_tokens.tolist(),
+        "encoder_sha256": family.frozen_fingerprint(), "null_tokens": family.null_tokens.tolist(),
         "sample_shape": list(family.sample_shape),
         **{key: getattr(prepare, key) for key in ("resolution", "samples_per_shard", "batch_size", "seed")},
         "background": list(parse_background(prepare.background)), "format": cfg.data.format,
     }  # fmt: skip
-    claim_directory(directory, job, "data.target")
-    family.vae.to(device)
+    shard_job = ShardJob(directory, job, "data.target", **shard_job_settings(cfg, rank, world, device))
+    family.place_frozen(device)
     entries = [entry for k, entry in enumerate(listing.entries) if status[k] == 0]
     if not entries:
         raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.entries)} samples can be read")
-    ranges = shard_ranges(len(entries), prepare.samples_per_shard)
-    fmt = shard_format(cfg.data.format)
-    todo = shards_to_build(directory, ranges, rank, world, fmt)
-    total = sum(len(ranges[j]) for j in todo)
-    bar = tqdm(total=total, desc=f"prepare (rank 0 of {world})", unit="image", disable=rank != 0, dynamic_ncols=True)
-    for j in todo:
-        samples = controlnet_samples(family, annotate, listing, entries, ranges[j], cfg, device, bar.update)
-        write_owned_shard(directory, j, samples, CONTROLNET_FIELDS, ranges[j].start, fmt)
-    bar.close()
-    distributed.barrier()
+    num_shards = len(shard_ranges(len(entries), prepare.samples_per_shard))
 
-    error = None
-    if rank == 0:
-        try:
-            meta = {"source": str(listing.root.resolve()), **job}
-            merge_manifest(directory, len(entries), prepare.samples_per_shard, CONTROLNET_FIELDS, meta, fmt)
-            bad = [
-                {"path": e["image"], "error": entry_problem(listing.root, e)}
-                for e, s in zip(listing.entries, status)
-                if s
-            ]
-            annotated = sum(entry["control"] is None for entry in entries)
-            write_caption_report(directory, listing, len(entries), bad, len(ranges), annotated)
-        except ShardError as err:
-            error = err
-    if distributed.any_rank(error is not None, device):
-        raise error or ShardError(f"rank 0 could not write the manifest of {directory}: see its message")
+    def report() -> None:
+        bad = [
+            {"path": e["image"], "error": entry_problem(listing.root, e)}
+            for e, code in zip(listing.entries, status)
+            if code
+        ]
+        annotated = sum(entry["control"] is None for entry in entries)
+        write_caption_report(directory, listing, len(entries), bad, num_shards, annotated)
+
+    shard_job.run(
+        len(entries), prepare.samples_per_shard, CONTROLNET_FIELDS,
+        lambda indices, on_batch: controlnet_samples(family, annotate, listing, entries, indices, cfg, on_batch),
+        {"source": str(listing.root.resolve()), **job}, finish=report, progress="prepare", unit="image",
+    )  # fmt: skip
     return directory
 
 
 def controlnet_samples(
     family, annotate, listing: CaptionListing, entries: list[dict], indices: range, cfg: Config,
-    device: torch.device, on_batch: Callable[[int], None],
+    on_batch: Callable[[int], None],
 ) -> Iterator[dict]:  # fmt: skip
     """The samples of one shard, in batches of prepare.batch_size aligned to the shard's first index."""
-    prepare, nearest = (
-        cfg.prepare,
-        cfg.model.sd_controlnet.control == "seg",
-    )  # segmentation values are labels: never blend them
+    prepare = cfg.prepare
+    nearest = cfg.model.sd_controlnet.control == "seg"  # segmentation values are labels: never blend them
     background = parse_background(prepare.background)
     for first in range(indices.start, indices.stop, prepare.batch_size):
         batch = [entries[i] for i in range(first, min(first + prepare.batch_size, indices.stop))]
@@ -329,7 +285,7 @@ def controlnet_samples(
         images = np.stack([image for image, _ in pairs])
         controls = [fitted_control(annotate, image, control, e["image"]) for (image, control), e in zip(pairs, batch)]
         pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-        latents = encode(family, pixels, prepare.seed, range(first, first + len(batch)), VIEWS["x"], device)
+        latents = encode(family, pixels, prepare.seed, range(first, first + len(batch)), VIEWS["x"])
         tokens = family.tokenize([e["caption"] for e in batch]).numpy().astype(np.int32)
         on_batch(len(batch))
         for position, entry in enumerate(batch):
