@@ -53,6 +53,16 @@ def sd_args(kit: dict, out: Path, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This module compares samples bit for bit with launched ranks (OMP_NUM_THREADS=1): another thread count may
+    round the UNet's sums differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def evaluate_in_process(args: list[str]) -> dict:
     return evaluate(load_config(args[1], args[2:]))
 
