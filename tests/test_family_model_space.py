@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel, EDMEulerScheduler
 
 from data.shard_jobs import JOB_NAME, is_complete
 from data.shards import MANIFEST_NAME, shard_name
+from launch.prepare_data import main as prepare_main
 from models.dit import DIT_SCHEDULE, DiTFamily
 from models.dit_edm import DiTEDMFamily
 from models.family import state_sha256
@@ -111,9 +112,9 @@ def test_a_rank_crashing_mid_job_loses_only_its_unwritten_shards(folders, tmp_pa
     with the shards and manifest of one uninterrupted process."""
     images = make_image_folder(tmp_path / "images")
     reference, out = tmp_path / "reference", tmp_path / "target"
+    assert prepare_main(prepare_args(folders["pixel"], images, reference, PER_SHARD)) == 0  # in process: pixels
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        assert_ok(run_entry("prepare_data.py", prepare_args(folders["pixel"], images, reference, PER_SHARD)))
         crash = (PER_SHARD, "debug.crash_after_shards=1", "debug.crash_rank=1")
         crashed = run_entry("prepare_data.py", prepare_args(folders["pixel"], images, out, *crash), num_procs=2)
         assert crashed.returncode != 0
