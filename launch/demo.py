@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo", help="the demo's folder (replaced)")
     parser.add_argument("--images_per_class", type=int, default=64, help="target training images per class")
     parser.add_argument("--eval_images", type=int, default=500, help="samples per model for the Fréchet distance")
+    parser.add_argument("--bank_samples", type=int, default=0, help="memory bank size (0: configs/demo.yaml's)")
     parser.add_argument(
         "--overrides", nargs="*", default=[], help="key=value for both trainings (method.* only changes Diff-Tuning)"
     )
@@ -67,7 +68,8 @@ def main() -> None:
     job("prepare_data.py", f"prepare.images={out / 'target_images'}", f"data.target={out / 'target'}")
     stage("prepare", t)
     t = time.perf_counter()
-    job("generate_bank.py", f"data.bank={out / 'bank'}")
+    bank_size = [f"bank.num_samples={args.bank_samples}"] if args.bank_samples else []
+    job("generate_bank.py", f"data.bank={out / 'bank'}", *bank_size)
     stage("bank", t)
     data = [f"data.target={out / 'target'}", f"data.bank={out / 'bank'}"]
     for method, overrides in METHODS.items():

@@ -135,7 +135,8 @@ def test_denoising_error_by_noise_level():
 def test_demo_runs_end_to_end(tmp_path):
     """`launch/demo.py` with a few steps: every job runs, and the table, grids and TensorBoard logs are written."""
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--images_per_class", "4", "--eval_images", "16", "--overrides", "train.steps=4"]
+    args = ["--out", str(out), "--images_per_class", "4", "--eval_images", "16", "--bank_samples", "32"]
+    args += ["--overrides", "train.steps=4"]
     result = run_entry("demo.py", args)
     assert_ok(result)
     results = json.loads((out / "results.json").read_text())
