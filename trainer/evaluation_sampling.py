@@ -135,39 +135,39 @@ def write_sample_set(
     num, per_shard, batch_size = settings["num_samples"], settings["samples_per_shard"], settings["batch_size"]
     shape, first = tuple(settings["sample_shape"]), chain[0][0]
 
-    def conditioned_samples(indices: range, on_batch: Callable[[int], None]) -> Iterator[dict]:
-        for start in range(indices.start, indices.stop, batch_size):
-            batch = range(start, min(start + batch_size, indices.stop))
-            starts = [sample_start(settings["seed"], i, len(conditions), shape) for i in batch]
-            fields = conditions.read([entry for entry, _ in starts])
-            fields = {name: fields[name] for name in first.family.condition_fields}
-            images = sample_images(
-                chain, fields, torch.stack([n for _, n in starts]), settings["sampler"], settings["num_steps"],
-                settings["guidance_scale"],
-            )  # fmt: skip
-            on_batch(len(batch))
-            for position, i in enumerate(batch):
-                meta = {"index": i, "seed": settings["seed"], "eval_index": starts[position][0]}
-                yield {"image": images[position].permute(1, 2, 0).numpy(), "meta": meta}
+    turns = settings["num_classes"] if conditions is None else len(conditions)  # classes, or evaluation entries
+
+    def condition_fields(turn: list[int]) -> dict[str, torch.Tensor]:
+        if conditions is None:
+            return {"label": torch.tensor(turn, dtype=torch.long)}
+        read = conditions.read(turn)
+        return {name: read[name] for name in first.family.condition_fields}
 
     def samples(indices: range, on_batch: Callable[[int], None]) -> Iterator[dict]:
         for start in range(indices.start, indices.stop, batch_size):
             batch = range(start, min(start + batch_size, indices.stop))
-            starts = [sample_start(settings["seed"], i, settings["num_classes"], shape) for i in batch]
-            labels = torch.tensor([label for label, _ in starts], dtype=torch.long)
+            starts = [sample_start(settings["seed"], i, turns, shape) for i in batch]
+            turn = [t for t, _ in starts]
             images = sample_images(
-                chain, {"label": labels}, torch.stack([n for _, n in starts]), settings["sampler"],
+                chain, condition_fields(turn), torch.stack([n for _, n in starts]), settings["sampler"],
                 settings["num_steps"], settings["guidance_scale"],
             )  # fmt: skip
             on_batch(len(batch))
             for position, i in enumerate(batch):
-                image = images[position].permute(1, 2, 0).numpy()
-                yield {"image": image, "label": int(labels[position]), "meta": {"index": i, "seed": settings["seed"]}}
+                record = {
+                    "image": images[position].permute(1, 2, 0).numpy(),
+                    "meta": {"index": i, "seed": settings["seed"]},
+                }
+                if conditions is None:
+                    record["label"] = turn[position]
+                else:
+                    record["meta"]["eval_index"] = turn[position]
+                yield record
 
-    fields, make = (SAMPLE_FIELDS, samples) if conditions is None else (CONDITIONED_SAMPLE_FIELDS, conditioned_samples)
+    fields = SAMPLE_FIELDS if conditions is None else CONDITIONED_SAMPLE_FIELDS
     job = ShardJob(directory, {"kind": "eval_samples", "chain": chain_fingerprint(chain), **settings}, "eval.out",
                    rank=rank, world=world, device=device)  # fmt: skip
-    result = job.run(num, per_shard, fields, make, {"kind": "eval_samples", **settings}, unit="image")
+    result = job.run(num, per_shard, fields, samples, {"kind": "eval_samples", **settings}, unit="image")
     log(
         f"samples: {result.num_built} sampled ({num - result.num_built} already complete) in {result.seconds:.1f} s "
         f"on {world} rank(s) -> {directory}"
