@@ -1,0 +1,1 @@
+"""Throughput benchmark, memory plans and the checks of a plan against a tracked run."""

@@ -1,0 +1,1 @@
+"""Evaluation: sample sets, features and metrics, and the forgetting analyses."""

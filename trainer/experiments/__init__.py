@@ -1,0 +1,1 @@
+"""Experiments and the builders of their shipped assets (the demo's, the digits')."""
