@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -12,8 +13,12 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 
-def init() -> tuple[int, int, torch.device]:
-    """Joins the process group set up by the launcher (deepspeed, torchrun, srun) or starts a group of one."""
+def init(timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
+    """Joins the process group set up by the launcher (deepspeed, torchrun, srun) or starts a group of one.
+
+    `timeout_minutes` bounds every collective (train.collective_timeout_minutes): a rank waiting longer for
+    the others fails instead of hanging; it must cover the longest wait of a run (a save, an export).
+    """
     # Under `srun`, SLURM numbers the tasks; MASTER_ADDR/PORT come from the sbatch script.
     for key, slurm_key, default in (
         ("RANK", "SLURM_PROCID", "0"),
@@ -26,12 +31,15 @@ def init() -> tuple[int, int, torch.device]:
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(minutes=timeout_minutes))
     global _host_group
     # Host-side flags (preemption) are reduced over gloo on the CPU, beside the device's collectives, so
     # that agreeing on them never waits for the device.
     if _host_group is None:  # once per process group: jobs run one after another in a process call init again
-        _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        _host_group = (
+            dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+            if dist.get_backend() != "gloo" else dist.group.WORLD
+        )  # fmt: skip
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
