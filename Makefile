@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 lint: env
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,14 +87,17 @@ def resolve_parts(path: str | Path, indices: Iterable[int], lineage: dict | None
     ]
 
 
-def write_composed(directory: str | Path, parts: list[Part], meta: dict | None = None) -> Path:
-    """Checks every part against its shard set and writes `directory/manifest.json` atomically."""
-    from data.formats import open_shard_set  # data.formats registers this module: import it late
+# Opens a part's shard set in its own format: data.formats.open_shard_set, which registers this module and so is
+# passed in rather than imported back.
+OpenPart = Callable[..., object]
 
+
+def write_composed(directory: str | Path, parts: list[Part], open_part: OpenPart, meta: dict | None = None) -> Path:
+    """Checks every part against its shard set and writes `directory/manifest.json` atomically."""
     directory = Path(directory)
     fields, recorded = None, []
     for number, part in enumerate(parts):
-        dataset = open_shard_set(part.path, verify="size")
+        dataset = open_part(part.path, verify="size")
         try:
             part_fields = dict(dataset.manifest.fields)
             size = len(dataset)
@@ -142,9 +145,7 @@ def read_composed(directory: str | Path) -> ComposedManifest:
 class ComposedDataset:
     """Random access by global index to a composed set, a drop-in for data.shards.ShardDataset."""
 
-    def __init__(self, directory: str | Path, verify: str = "sha256") -> None:
-        from data.formats import open_shard_set
-
+    def __init__(self, directory: str | Path, open_part: OpenPart, verify: str = "sha256") -> None:
         self.directory = Path(directory)
         self.manifest = read_composed(self.directory)
         self.parts = []
@@ -154,7 +155,7 @@ class ComposedDataset:
                     f"{self.directory}: part {number} ({part.path}) is missing or was rewritten after the set was "
                     "composed (its manifest's sha256 differs); compose the set again"
                 )
-            self.parts.append(open_shard_set(part.path, verify=verify))
+            self.parts.append(open_part(part.path, verify=verify))
         self._starts = np.cumsum([0] + [len(part.indices) for part in self.manifest.parts]).tolist()
         self._labels = [None if p.labels is None else np.asarray(p.labels) for p in self.manifest.parts]
 

@@ -48,7 +48,13 @@ FORMATS = {
         "mds", _mds("mds_shard_name"), _mds("write_mds_shard"), _mds("hash_mds_shard"), _mds("MDSDataset")
     ),
     # A manifest over parts of other shard sets (continual banks): read by global index, never written as shards.
-    "composed": ShardFormat("composed", _read_only, _read_only, _read_only, ComposedDataset),
+    "composed": ShardFormat(
+        "composed",
+        _read_only,
+        _read_only,
+        _read_only,
+        lambda path, verify: ComposedDataset(path, open_shard_set, verify),
+    ),
 }
 
 

@@ -56,7 +56,7 @@ def with_defaults(args, workdir: Path) -> list[str]:
 
 
 def plan(args) -> None:
-    from trainer.memory_plan import plan_table
+    from trainer.benchmark.memory_plan import plan_table
 
     results = []
     for spec in args.model:
@@ -75,7 +75,7 @@ def plan(args) -> None:
 
 def measure(args) -> None:
     from trainer import distributed
-    from trainer.throughput import format_report, measure, work_dir
+    from trainer.benchmark.throughput import format_report, measure, work_dir
 
     distributed.init()
     workdir = work_dir(args.workdir)
@@ -93,7 +93,7 @@ def measure(args) -> None:
 
 
 def check(args) -> int:
-    from trainer.memory_check import check_dit_xl2_zero3, check_small_model, tracked_training
+    from trainer.benchmark.memory_check import check_dit_xl2_zero3, check_small_model, tracked_training
 
     if args.track_train:  # a rank of --check_plan_xl2's launch
         tracked_training(load_config(args.config, args.overrides, ("model.pretrained", "data.target")))

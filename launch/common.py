@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from data.shards import ShardError
 from trainer import distributed
@@ -17,19 +18,29 @@ USER_ERRORS = (ConfigError, ShardError, FileNotFoundError, ValueError)
 
 
 def run_guarded(job: Callable[[], object]) -> int:
-    rank = os.environ.get("RANK", "0")
+    # The rank is looked up when a message is printed: under srun, RANK is only set (from SLURM_PROCID) once the
+    # job joined the process group.
     try:
         job()
     except USER_ERRORS as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        print(f"error (rank {distributed.launcher_rank()}): {err}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteError as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        print(f"error (rank {distributed.launcher_rank()}): {err}", file=sys.stderr, flush=True)
         return 1
     except Preempted as note:
-        print(f"rank {rank}: {note}", file=sys.stderr, flush=True)
+        print(f"rank {distributed.launcher_rank()}: {note}", file=sys.stderr, flush=True)
+        mark_preempted()
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def mark_preempted() -> None:
+    """Creates $PREEMPTED_FILE (set by the sbatch scripts), on which they requeue: srun's exit status alone does
+    not say that the run was preempted (under --kill-on-bad-exit, srun kills the ranks that exit 75 later)."""
+    path = os.environ.get("PREEMPTED_FILE")
+    if path:
+        Path(path).touch()
 
 
 def exit_process(status: int) -> None:

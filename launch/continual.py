@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.common import exit_process, run_guarded  # noqa: E402
-from trainer.continual import run_continual  # noqa: E402
-from trainer.stages import load_stages  # noqa: E402
+from trainer.continual.driver import run_continual  # noqa: E402
+from trainer.continual.stages import load_stages  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 from data import procedural  # noqa: E402
 from models.feature_net import frechet_distance, load_feature_net, nhwc_to_nchw  # noqa: E402
-from trainer.evaluate import denoising_error, sample_folder  # noqa: E402
+from trainer.evaluation.folder import denoising_error, sample_folder  # noqa: E402
 from trainer.metrics import image_grid  # noqa: E402
 
 ASSETS = ROOT / "assets" / "demo"

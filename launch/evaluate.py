@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.common import exit_process, run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.evaluation import evaluate  # noqa: E402
+from trainer.evaluation.evaluate import evaluate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

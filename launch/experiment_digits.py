@@ -4,7 +4,7 @@ Transfers the shipped DiT (assets/digits, pre-trained on digits 0-4 by launch/ma
 5-9 with a new label space and 10 or 50 images per class: plain fine-tuning vs Diff-Tuning (the paper's and the
 released code's settings), 3 seeds, two step counts; Fréchet distance and accuracy in a digit classifier's
 features, the replacement curve, denoising error by noise level. Writes --out/results.json and --docs/results.md
-with its plots. Every job is the project's own, called in this process (trainer/experiment_digits.py).
+with its plots. Every job is the project's own, called in this process (trainer/experiments/digits.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.experiment_digits import METHODS, Plan, merge_results, run_experiment  # noqa: E402
-from trainer.experiment_report import write_report  # noqa: E402
+from trainer.experiments.digits import METHODS, Plan, merge_results, run_experiment  # noqa: E402
+from trainer.experiments.report import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

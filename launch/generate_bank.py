@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.common import exit_process, run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.generate import generate_bank  # noqa: E402
+from trainer.jobs.bank import generate_bank  # noqa: E402
 
 BANK_KEYS = ("model.pretrained", "data.bank")
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import digits  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.prepare import prepare_data  # noqa: E402
+from trainer.jobs.prepare import prepare_data  # noqa: E402
 
 STAGES = {"56": (5, 6), "78": (7, 8), "9": (9,)}
 PER_CLASS = 50

@@ -2,7 +2,7 @@
 `deepspeed launch/prepare_data.py --config X model.pretrained=/path prepare.images=/images data.target=/out`.
 
 For model.family=sd_controlnet, prepare.images is a folder with index.jsonl lines {"image", "caption", "control"}
-(README: Stable Diffusion 1.5 + ControlNet). Also runs as a single process and under torchrun/srun. Unreadable
+(docs/models.md: Stable Diffusion 1.5 + ControlNet). Also runs as a single process and under torchrun/srun. Unreadable
 images are listed in /out/report.json; a rerun with the same settings builds only the missing or incomplete shards.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.common import exit_process, run_guarded  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.prepare import prepare_data  # noqa: E402
+from trainer.jobs.prepare import prepare_data  # noqa: E402
 
 PREPARE_KEYS = ("model.pretrained", "prepare.images", "data.target")
 

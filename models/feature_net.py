@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import frechet
+
 
 class FeatureNet(nn.Module):
     """Conv trunk -> 4x4 grid -> `num_features` embedding (the FID features) -> class and attribute heads."""
@@ -84,18 +86,13 @@ def load_feature_net(path: str | Path) -> FeatureNet:
 
 
 @torch.no_grad()
-def frechet_distance(
-    net: nn.Module, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 500, normalize: bool = False
-) -> float:
-    """torchmetrics' FID between two NCHW image sets (uint8 [0, 255], or float [0, 1] with `normalize`)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def frechet_distance(net: nn.Module, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 500) -> float:
+    """FID between two NCHW image sets (uint8 [0, 255] or float [0, 1]; the net reads both) on the net's features."""
 
-    # The metric keeps its sums and covariances in float64 already; `set_dtype` would also convert `net`.
-    metric = FrechetInceptionDistance(feature=net, normalize=normalize)
-    for images, is_real in ((real, True), (fake, False)):
-        for start in range(0, len(images), batch_size):
-            metric.update(images[start : start + batch_size], real=is_real)
-    return float(metric.compute())
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
+
+    return frechet.frechet_distance(features(real), features(fake))
 
 
 def nhwc_to_nchw(images) -> torch.Tensor:

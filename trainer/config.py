@@ -16,14 +16,11 @@ from data.images import parse_background
 from models import FAMILIES, family_entry
 from models.noise import noise_process_class
 from models.tuning import TUNING_METHODS
+from trainer.errors import ConfigError
 from trainer.loss import LOSS_WEIGHTINGS
 from trainer.retention import RETENTION_METHODS, check_retention
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts."""
 
 
 @dataclass
@@ -192,7 +189,7 @@ class EvalConfig:
     seed: int = 0
     threshold: float | None = None  # None: the paper's threshold for model.sd_controlnet.control
     blur_sigma: float = 2.0  # Gaussian blur (pixels) of edges and sketches before SSIM
-    # launch/evaluate.py (trainer/evaluation.py) also reads eval.batch_size (sampling and feature batches),
+    # launch/evaluate.py (trainer/evaluation/evaluate.py) also reads eval.batch_size (sampling and feature batches),
     # eval.seed (sample i's class and noise come from (eval.seed, i)) and, for sd_controlnet, eval.data (required
     # there: the prepared shards whose prompt and control sample i takes, entry i mod N).
     mode: str = "metrics"  # metrics | replacement | denoising | drift

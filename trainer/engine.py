@@ -13,7 +13,7 @@ from trainer.optim import GuardedAdamW
 # DeepSpeed's defaults keep a 5e8-element gradient bucket (1.9 GiB in fp32), under ZeRO-3 up to 1e9 gathered
 # parameter elements alive from their forward to their backward (a whole DiT-XL/2 on every rank), and flatten a
 # rank's whole gradient partition into a new fp32 tensor at the step (sub-groups of 1e9 elements). Bounded so
-# that no rank holds all weights; trainer/memory_plan.py counts these buffers (elements).
+# that no rank holds all weights; trainer/benchmark/memory_plan.py counts these buffers (elements).
 ZERO_BUFFERS = {
     "reduce_bucket_size": 50_000_000,
     "stage3_prefetch_bucket_size": 50_000_000,

@@ -77,7 +77,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     process = family.noise_process.to(device)  # noise levels, noising and the per-sample loss (models/noise/)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     family.place_frozen(device, dtype)
-    retention.prepare(device, dtype)  # KD: the frozen teacher, outside DeepSpeed, in the training precision
+    # KD: the frozen teacher, outside DeepSpeed, in the training precision
+    retention.prepare(device, dtype, lambda: load_family(cfg, num_classes=0))
     groups = tuning.parameter_groups(family.denoiser, cfg.optim.lr)
     engine, optimizer = build_engine(cfg, family.denoiser, groups, accumulation, universal, device)
     ema = ShardedEMA(engine, cfg.optim.ema_decay)  # each rank: the EMA of the fp32 master slice it owns

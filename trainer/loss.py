@@ -9,7 +9,7 @@ for both sources alike.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -17,11 +17,17 @@ import torch
 # the tools that train a plain DDPM model (the demo and digits assets, the throughput baseline) import them.
 from models.noise.ddpm import NoiseSchedule, diffusion_loss
 
-if TYPE_CHECKING:
-    from trainer.config import MethodConfig
-
 __all__ = ["NoiseSchedule", "diffusion_loss", "source_weights", "snr_loss_weights", "timestep_loss_weights"]
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2")  # method.loss_weighting
+
+
+class LossWeighting(Protocol):
+    """The settings of the regression weighting (the config's `method` section has them)."""
+
+    loss_weighting: str
+    min_snr_gamma: float
+    p2_k: float
+    p2_gamma: float
 
 
 def source_weights(is_bank: torch.Tensor, num_target: int, num_bank: int, bank_loss_weight: float) -> torch.Tensor:
@@ -32,7 +38,7 @@ def source_weights(is_bank: torch.Tensor, num_target: int, num_bank: int, bank_l
     return torch.where(is_bank, bank_weight, target_weight).float()
 
 
-def snr_loss_weights(snr: torch.Tensor, method: MethodConfig) -> torch.Tensor:
+def snr_loss_weights(snr: torch.Tensor, method: LossWeighting) -> torch.Tensor:
     """Per-slot weights of the regression term, a pure function of each slot's SNR (the noise process's `snr`).
 
     none: 1. min_snr: Min-SNR-gamma for epsilon prediction, min(SNR, gamma) / SNR (Hang et al., 2023), which
@@ -48,7 +54,7 @@ def snr_loss_weights(snr: torch.Tensor, method: MethodConfig) -> torch.Tensor:
     raise ValueError(f"method.loss_weighting={method.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
 
 
-def timestep_loss_weights(t: torch.Tensor, schedule: NoiseSchedule, method: MethodConfig) -> torch.Tensor:
+def timestep_loss_weights(t: torch.Tensor, schedule: NoiseSchedule, method: LossWeighting) -> torch.Tensor:
     """`snr_loss_weights` at DDPM timesteps t, with SNR(t) = abar / (1 - abar) of the schedule (float64: it spans
     ~1e-5 .. 1e4 over a DDPM schedule)."""
     if method.loss_weighting == "none":

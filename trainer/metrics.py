@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,31 @@ from data.files import atomic_write_bytes
 from trainer import distributed
 
 NUM_T_BUCKETS = 10
+LOG_INTERVAL_S = 30.0  # a progress line this often where stderr is a log file (SLURM's .out, CI), not a terminal
+
+
+class _Lines:
+    """Where tqdm would redraw a bar in place with a carriage return, writes each redraw as a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**options) -> tqdm:
+    """A tqdm bar: redrawn in place on a terminal; in a log, one plain line every LOG_INTERVAL_S seconds (and at
+    the end), so that a job's log is not thousands of redraws."""
+    if not sys.stderr.isatty():
+        options.pop("dynamic_ncols", None)
+        options = {"file": _Lines(sys.stderr), "mininterval": LOG_INTERVAL_S, "ncols": 100, **options}
+    return tqdm(**options)
 
 
 class MetricsLogger:
@@ -32,7 +58,7 @@ class MetricsLogger:
         path = self.run_dir / "metrics.jsonl"
         drop_lines_after(path, start_step)  # a resume redoes the steps after its checkpoint: log each step once
         self.jsonl = open(path, "a")  # append: a resumed run continues the file
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=total_steps,
             initial=start_step,
             desc="train",
@@ -49,7 +75,9 @@ class MetricsLogger:
                 self.writer.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
-        self.bar.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}")
+        self.bar.set_postfix(
+            loss=f"{values.get('loss/total', float('nan')):.4f}", refresh=False
+        )  # shown at the next redraw
 
     def advance(self) -> None:
         if self.enabled:

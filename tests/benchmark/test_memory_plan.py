@@ -12,11 +12,11 @@ from diffusers import DiTTransformer2DModel
 
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_tiny_dit
+from trainer.benchmark.memory_check import tracked_ranks
+from trainer.benchmark.memory_plan import activation_bytes, build_plan_model, plan_memory, plan_table
+from trainer.benchmark.memory_tracker import LiveTensorMemory
 from trainer.engine import ZERO_BUFFERS
 from trainer.loss import NoiseSchedule, diffusion_loss
-from trainer.memory_check import tracked_ranks
-from trainer.memory_plan import activation_bytes, build_plan_model, plan_memory, plan_table
-from trainer.memory_tracker import LiveTensorMemory
 
 # Small enough for the CPU, big enough that activations are a real share of the bytes.
 MEDIUM_DIT = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, in_channels=4, out_channels=8,

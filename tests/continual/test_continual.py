@@ -21,9 +21,9 @@ from models.feature_net import FeatureNet, save_feature_net
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_shards
 from trainer.config import ConfigError
-from trainer.continual import check_run_in_progress, sample_class, stage_target_parts
+from trainer.continual.driver import check_run_in_progress, sample_class, stage_target_parts
+from trainer.continual.stages import fingerprint, load_stages
 from trainer.metrics import MetricsLogger
-from trainer.stages import fingerprint, load_stages
 
 slow = pytest.mark.slow  # launched multi-stage runs
 
@@ -74,7 +74,7 @@ def test_composed_bank_is_exact_reproducible_and_serves_the_parts_samples(banks)
     parts = resolve_parts(banks["old"], kept, {"model": "initial", "model_stage": 0}) + [
         Part(str(banks["new"]), list(range(26)), lineage)
     ]
-    write_composed(banks["root"] / "bank2", parts, {"stage": 2})
+    write_composed(banks["root"] / "bank2", parts, open_shard_set, {"stage": 2})
     bank = open_shard_set(banks["root"] / "bank2")
     old, new = open_shard_set(banks["old"]), open_shard_set(banks["new"])
     assert len(bank) == 64 and bank.manifest.parts[0].indices == kept
@@ -91,19 +91,20 @@ def test_composed_bank_is_exact_reproducible_and_serves_the_parts_samples(banks)
 
 def test_label_map_and_a_rewritten_part_is_refused(banks, tmp_path):
     part = make_shards(tmp_path / "part", 8, num_classes=2, per_shard=8, seed=5)
-    write_composed(tmp_path / "view", [Part(str(part), list(range(8)), {}, [5, 7])], {"classes": list("abcdefgh")})
+    parts = [Part(str(part), list(range(8)), {}, [5, 7])]
+    write_composed(tmp_path / "view", parts, open_shard_set, {"classes": list("abcdefgh")})
     view, plain = open_shard_set(tmp_path / "view"), open_shard_set(part)
     assert [view[i]["label"] for i in range(8)] == [[5, 7][plain[i]["label"]] for i in range(8)]
     make_shards(tmp_path / "part", 8, num_classes=2, per_shard=4, seed=6)  # rewritten after composition
     with pytest.raises(ShardError, match="rewritten after the set was composed"):
         open_shard_set(tmp_path / "view")
     with pytest.raises(ShardError, match="indices"):
-        write_composed(tmp_path / "bad", [Part(str(part), [0, 8], {})])
+        write_composed(tmp_path / "bad", [Part(str(part), [0, 8], {})], open_shard_set)
 
 
 def test_every_steps_plan_over_a_composed_bank_is_the_same_on_one_and_two_ranks(banks, tiny):
     kept = resolve_parts(banks["old"], keep_subset(64, 38, (0, 2)))
-    write_composed(banks["root"] / "planned", kept + [Part(str(banks["new"]), list(range(26)), {})])
+    write_composed(banks["root"] / "planned", kept + [Part(str(banks["new"]), list(range(26)), {})], open_shard_set)
     bank = open_shard_set(banks["root"] / "planned")
     sources = {TARGET: open_shard_set(tiny["target"]), BANK: bank}
     planner = GlobalBatchPlanner(
@@ -373,7 +374,7 @@ def test_a_stage_target_maps_its_classes_onto_the_run_table_and_replays_a_share_
     stages = load_stages(str(chain["path"]), ["replay=0.25", f"stages.2.target={shards}", 'stages.2.images=""'])
     classes = ["a", "b", "c", "d", "e"]
     parts = stage_target_parts(stages, 2, classes)
-    write_composed(tmp_path / "target", parts, {"classes": classes})
+    write_composed(tmp_path / "target", parts, open_shard_set, {"classes": classes})
     target, own = open_shard_set(tmp_path / "target"), open_shard_set(stages.stages[2].target)
     assert len(target) == 16 + 4 + 4 and [p.lineage["stage"] for p in parts] == [3, 1, 2]
     assert [target[i]["label"] for i in range(16)] == [3 + own[i]["label"] for i in range(16)]  # d, e -> 3, 4

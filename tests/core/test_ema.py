@@ -1,6 +1,6 @@
 """The sharded EMA inside real DeepSpeed engines (CPU, gloo): equal to a whole-copy EMA under ZeRO 0-3, half the
 bytes per rank on 2 ranks, a sample-time swap that leaves training bit-identical, and checkpoints that load on
-another world size and ZeRO stage. Three launches of tests/ema_worker.py: 1 rank, 2 ranks (loading the 1-rank
+another world size and ZeRO stage. Three launches of tests/core/ema_worker.py: 1 rank, 2 ranks (loading the 1-rank
 saves), 1 rank again (loading the 2-rank saves)."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from tests.conftest import ROOT, assert_ok, child_env, free_port
 from trainer.ema import ShardedEMA, read_saved
 
 pytestmark = pytest.mark.slow
-CONFIGS = ["z0", "z1", "z2", "z3", "z2bf16", "z3bf16"]  # as in tests/ema_worker.py
+CONFIGS = ["z0", "z1", "z2", "z3", "z2bf16", "z3bf16"]  # as in tests/core/ema_worker.py
 SHARDED = ["z1", "z2", "z3", "z2bf16", "z3bf16"]
 
 
 def launch(num_procs: int, out: Path, tag: str, *args: str) -> dict:
-    script = str(ROOT / "tests" / "ema_worker.py")
+    script = str(ROOT / "tests" / "core" / "ema_worker.py")
     if num_procs == 1:
         command = [sys.executable, script]
     else:

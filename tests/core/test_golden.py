@@ -1,7 +1,7 @@
 """Golden per-step losses of a tiny seeded run: a refactor that changes the numbers is seen here.
 
 If a change is meant to change them (a new RNG layout, a fixed bug), regenerate the file on purpose with
-`UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py` and say why in the commit.
+`UPDATE_GOLDEN=1 python -m pytest tests/core/test_golden.py` and say why in the commit.
 """
 
 from __future__ import annotations

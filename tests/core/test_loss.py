@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import assert_ok, read_metrics, run_entry, train_args
-from tests.test_golden import ARGS as GOLDEN_ARGS
-from tests.test_golden import GOLDEN
+from tests.core.test_golden import ARGS as GOLDEN_ARGS
+from tests.core.test_golden import GOLDEN
 from trainer.config import ConfigError, MethodConfig, load_config
 from trainer.loss import NoiseSchedule, diffusion_loss, source_weights, timestep_loss_weights
 

@@ -10,7 +10,7 @@ import torch
 
 from models.annotators import canny
 from models.sd_controlnet import SDControlNetFamily
-from tests.test_sd_controlnet import perturbed
+from tests.models.test_sd_controlnet import perturbed
 from tests.tiny_sd import shape_image, tiny_sd  # noqa: F401
 from trainer.config import load_config
 from trainer.setup import load_family

@@ -16,7 +16,7 @@ from models.sd_controlnet import SDControlNetFamily
 from models.tuning import ADAPTER_WEIGHTS, describe, tuning_method
 from models.tuning.difffit import DiffFit
 from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, train_args
-from tests.test_train_distributed import assert_same_run
+from tests.core.test_train_distributed import assert_same_run
 from tests.tiny_sd import make_tiny_sd
 from trainer.config import ConfigError, PeftConfig, load_config
 from trainer.ema import read_saved

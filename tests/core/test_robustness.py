@@ -25,7 +25,7 @@ from tests.conftest import (
     run_entry,
     train_args,
 )
-from tests.test_train_distributed import exported
+from tests.core.test_train_distributed import exported
 from trainer.ema import read_saved
 from trainer.preemption import REQUEUE_EXIT_CODE
 

@@ -29,7 +29,7 @@ from tests.conftest import (
     run_entry,
     train_args,
 )
-from tests.test_train_distributed import exported
+from tests.core.test_train_distributed import exported
 from tests.tiny import make_tiny_dit
 
 EMBEDDER_KEYS = (

@@ -285,7 +285,7 @@ def test_big_endian_arrays_keep_their_values(tmp_path):
 def test_jobs_write_mds_and_training_reads_it_like_webdataset(tiny, tmp_path):
     """The bank job writes either format; training on either gives the same run."""
     from tests.conftest import assert_ok, read_metrics, run_entry, train_args
-    from tests.test_generate_bank import run_bank
+    from tests.jobs.test_generate_bank import run_bank
 
     banks = {fmt: tmp_path / f"bank_{fmt}" for fmt in ("wds", "mds")}
     for fmt, directory in banks.items():

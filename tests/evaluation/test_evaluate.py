@@ -20,10 +20,10 @@ from models.feature_net import FeatureNet, save_feature_net
 from tests.conftest import ROOT, assert_ok, child_env, run_entry
 from tests.tiny import make_tiny_dit
 from trainer.config import load_config
-from trainer.evaluation import evaluate
-from trainer.evaluation_analyses import parameter_drift
-from trainer.evaluation_features import FeatureExtractor, frechet_distance, kernel_distance, precision_recall
-from trainer.evaluation_sampling import Denoiser, sample_images
+from trainer.evaluation.analyses import parameter_drift
+from trainer.evaluation.evaluate import evaluate
+from trainer.evaluation.features import FeatureExtractor, frechet_distance, kernel_distance, precision_recall
+from trainer.evaluation.sampling import Denoiser, sample_images
 
 slow = pytest.mark.slow
 NUM_SAMPLES, PER_SHARD = 24, 3  # 8 shards
@@ -205,7 +205,7 @@ def test_slurm_template_runs_the_evaluation_on_every_gpu():
 
 def test_an_image_folder_reference_reads_as_uint8_at_the_sample_size(kit, tmp_path):
     from data import procedural
-    from trainer.evaluation_data import open_image_set
+    from trainer.evaluation.data import open_image_set
 
     folder = procedural.write_image_folder("target", tmp_path / "images", 2, seed=0, size=16)
     family = family_class("dit").from_pretrained(str(kit["finetuned"]))

@@ -21,8 +21,8 @@ from models.sd_controlnet import SDControlNetFamily
 from tests.conftest import assert_ok, run_entry
 from tests.tiny_sd import no_leaked_shm, tiny_sd  # noqa: F401 (session fixtures)
 from trainer.config import load_config
-from trainer.evaluation import evaluate
-from trainer.evaluation_sampling import Denoiser, sample_images
+from trainer.evaluation.evaluate import evaluate
+from trainer.evaluation.sampling import Denoiser, sample_images
 
 NUM_SAMPLES, PER_SHARD, NUM_ENTRIES = 10, 3, 8  # 4 shards; samples 8 and 9 take entries 0 and 1 again
 

@@ -15,9 +15,9 @@ from data import procedural
 from models.dit import DiTFamily
 from models.feature_net import frechet_distance, load_feature_net, nhwc_to_nchw
 from tests.conftest import assert_ok, run_entry
-from trainer.evaluate import denoising_error
+from trainer.evaluation.folder import denoising_error
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "demo"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "demo"
 
 
 def images(domain: str, num: int, seed: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_feature_net_works_inside_torchmetrics_with_uint8_and_float(feature_net)
     metric = FrechetInceptionDistance(feature=feature_net)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    as_float = frechet_distance(feature_net, real.float() / 255, fake.float() / 255, normalize=True)
+    as_float = frechet_distance(feature_net, real.float() / 255, fake.float() / 255)
     assert float(metric.compute()) == pytest.approx(as_float, rel=1e-4)
     metric.train()  # the metric may flip its children to train mode; features must not change
     assert torch.equal(feature_net(real[:4]), feature_net.eval()(real[:4]))

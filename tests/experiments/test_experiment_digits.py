@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the digits experiment needs the `experiments` extra (scikit-learn)")
 
 from launch.experiment_digits import main  # noqa: E402
-from trainer.experiment_digits import ASSETS  # noqa: E402
+from trainer.experiments.digits import ASSETS  # noqa: E402
 
 TOY = [
     "bank.num_samples=16", "bank.samples_per_shard=16", "eval.num_samples=120", "eval.sample_steps=2",

@@ -19,7 +19,7 @@ from models.dit import DiTFamily
 from tests.conftest import assert_ok, run_entry
 from tests.tiny import make_tiny_dit
 from trainer.config import ConfigError, load_config
-from trainer.prepare import check_resolution
+from trainer.jobs.prepare import check_resolution
 
 CLASSES = {"cat": 4, "dog": 3}  # readable images per class
 BAD = ["dog/random_bytes.jpg", "dog/random_bytes.png", "dog/truncated.jpg"]  # in listing order
@@ -61,7 +61,7 @@ def prepare_args(model: Path, images: Path, out: Path, *overrides: str) -> list[
 
 def run_prepare(args: list[str], num_procs: int = 1):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # see tests/test_generate_bank.py
+        patch.setenv("OMP_NUM_THREADS", "1")  # see tests/jobs/test_generate_bank.py
         return run_entry("prepare_data.py", args, num_procs=num_procs)
 
 

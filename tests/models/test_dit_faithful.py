@@ -11,10 +11,10 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 from models.dit import DiTFamily
-from tests.test_dit_convert import TINY, OriginalDiT
-from tests.test_zero_init import EMBEDDER_KEYS, make_dit_with_one_embedder
+from tests.core.test_zero_init import EMBEDDER_KEYS, make_dit_with_one_embedder
+from tests.models.test_dit_convert import TINY, OriginalDiT
 from trainer.config import BankConfig
-from trainer.generate import bank_samples, sample_start
+from trainer.jobs.bank import bank_samples, sample_start
 
 
 @pytest.fixture(scope="module")

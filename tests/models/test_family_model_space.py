@@ -17,10 +17,10 @@ from models.dit_edm import DiTEDMFamily
 from models.family import state_sha256
 from models.sd_controlnet import SDControlNetFamily
 from tests.conftest import assert_ok, run_entry
-from tests.test_prepare_data import make_image_folder, prepare_args
+from tests.jobs.test_prepare_data import make_image_folder, prepare_args
 from tests.tiny import TINY_DIT, make_tiny_dit
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, make_tiny_sd
-from trainer.prepare import REPORT_NAME, check_resolution
+from trainer.jobs.prepare import REPORT_NAME, check_resolution
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from models.family import ModelFamily, missing_members
 from models.noise import NOISE_PROCESSES, NoiseProcess
 from models.noise.edm import P_MEAN, P_STD, EDMProcess
 from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, train_args
-from tests.test_host_reads import quiet_steps
-from tests.test_train_distributed import assert_same_run
+from tests.core.test_host_reads import quiet_steps
+from tests.core.test_train_distributed import assert_same_run
 from trainer.config import ConfigError, MethodConfig, load_config
 from trainer.loop import slot_losses
 
@@ -169,7 +169,7 @@ def test_edm_family_has_no_betas_and_takes_noise_settings(tiny):
 
 def test_edm_family_generates_its_own_bank(tiny):
     """The bank job's recipe works for a family without DDPM settings: samples come from its EDM sampler."""
-    from trainer.generate import bank_recipe
+    from trainer.jobs.bank import bank_recipe
 
     cfg = load_config("tiny_cpu", [f"model.pretrained={tiny['pretrained']}", "model.family=dit_edm",
                                    "bank.num_steps=3", "bank.batch_size=2"])  # fmt: skip

@@ -20,12 +20,12 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from trainer import distributed
+from trainer.benchmark.memory_plan import DIT_XL2, MemoryPlan, build_plan_model, plan_memory
+from trainer.benchmark.memory_tracker import LiveTensorMemory
 from trainer.config import Config, gradient_accumulation_steps, load_config
 from trainer.loop import train
-from trainer.memory_plan import DIT_XL2, MemoryPlan, build_plan_model, plan_memory
-from trainer.memory_tracker import LiveTensorMemory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tracked_training(cfg: Config) -> int:

@@ -26,11 +26,11 @@ from data.images import list_image_folder
 from models.dit import ORIGINAL_FREQUENCIES_KEY, DiTFamily
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation import evaluate
-from trainer.generate import generate_bank
+from trainer.continual.stages import StageConfig, StagesFile, fingerprint, stage_config, to_yaml
+from trainer.evaluation.evaluate import evaluate
+from trainer.jobs.bank import generate_bank
+from trainer.jobs.prepare import prepare_data
 from trainer.loop import train
-from trainer.prepare import prepare_data
-from trainer.stages import StageConfig, StagesFile, fingerprint, stage_config, to_yaml
 
 DONE, TABLE, RECORD = "done.json", "results.json", "stages.yaml"
 PREPARED = "target_prepared"  # run_dir/stage_NN/target_prepared: the shards of a stage given as images
@@ -83,7 +83,9 @@ def run_stage(
                  f"data.target={stage_target(stages, number)}"]  # fmt: skip
         prepare_data(stage_config(stages, number, extra))
     if rank == 0:  # the stage's target (and replayed earlier targets), class ids mapped onto the run's table
-        write_composed(folder / "target", stage_target_parts(stages, number, classes), {"classes": classes})
+        write_composed(
+            folder / "target", stage_target_parts(stages, number, classes), open_shard_set, {"classes": classes}
+        )
     distributed.barrier()
     bank = stage_bank(stages, number, folder, previous, base, rank)
     overrides = [
@@ -142,7 +144,7 @@ def stage_bank(
     if rank == 0:
         meta = {"kind": "bank", "stage": k, "num_kept": policy.size - num_new, "num_new": num_new,
                 "keep_seed": [policy.seed, k], "kept_from": str(previous / "bank") if previous else None}  # fmt: skip
-        write_composed(folder / "bank", kept + new, meta)
+        write_composed(folder / "bank", kept + new, open_shard_set, meta)
     distributed.barrier()
     return folder / "bank"
 
@@ -178,7 +180,7 @@ def evaluate_stage(stages: StagesFile, number: int, folder: Path, classes: list[
         return {}
     if rank == 0:
         parts = [labelled_part(path, classes, {"stage": k}) for k, path in sets]
-        write_composed(folder / "eval_data", parts, {"classes": classes})
+        write_composed(folder / "eval_data", parts, open_shard_set, {"classes": classes})
     distributed.barrier()
     extra = [f"eval.model={folder / 'train'}", f"eval.reference={folder / 'eval_data'}",
              f"eval.out={folder / 'eval'}", f"eval.cache={folder.parent / 'eval_cache'}", "eval.mode=metrics",

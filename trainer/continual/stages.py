@@ -76,7 +76,8 @@ def load_stages(path: str | None, overrides: list[str] = ()) -> StagesFile:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(
             f"stages file key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}. "
-            "Valid keys are the fields of trainer/stages.py (pretrained, config, overrides, mode, run_dir, bank.*, "
+            "Valid keys are the fields of trainer/continual/stages.py (pretrained, config, overrides, mode, run_dir, "
+            "bank.*, "
             "stages[i].target/images/steps/eval_data/overrides/name)"
         ) from None
     stages: StagesFile = OmegaConf.to_object(cfg)

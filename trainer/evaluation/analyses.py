@@ -21,8 +21,8 @@ from data.files import atomic_write_bytes
 from data.shard_jobs import derived_seed, owned_shards, shard_ranges
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation_data import FEATURE_CHUNK, image_size_of, open_condition_set, read_fields
-from trainer.evaluation_sampling import load_model
+from trainer.evaluation.data import FEATURE_CHUNK, image_size_of, open_condition_set, read_fields
+from trainer.evaluation.sampling import load_model
 from trainer.loss import NoiseSchedule
 
 LABEL_TABLE = "class_embedder.embedding_table"

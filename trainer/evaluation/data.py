@@ -24,7 +24,7 @@ from data.images import list_image_folder, load_images
 from data.shard_jobs import owned_shards, shard_ranges
 from data.shards import MANIFEST_NAME
 from trainer import distributed
-from trainer.evaluation_features import FeatureExtractor
+from trainer.evaluation.features import FeatureExtractor
 
 FEATURE_CHUNK = 1000  # images per unit of work when extracting features
 

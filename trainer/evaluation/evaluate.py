@@ -4,7 +4,7 @@ eval.mode=metrics samples eval.num_samples images on every rank and compares the
 KID, precision/recall): a class-conditional family (DiT) samples its classes in turn, any other (SD + ControlNet)
 takes the prompt and control map of entry i mod N of eval.data for sample i. replacement hands the last p% of the
 reverse steps to eval.pretrained (the chain of forgetting) and gives the metrics per p (DiT); denoising and drift
-are in trainer/evaluation_analyses.py.
+are in trainer/evaluation/analyses.py.
 Everything lands in eval.out: results JSON, a printed table, sample grids and plots (rank 0).
 """
 
@@ -21,7 +21,7 @@ from data.files import atomic_write_bytes
 from models import family_class, family_entry
 from trainer import distributed
 from trainer.config import Config, ConfigError
-from trainer.evaluation_data import (
+from trainer.evaluation.data import (
     ImageSet,
     image_maps,
     image_size_of,
@@ -30,8 +30,8 @@ from trainer.evaluation_data import (
     reference_features,
     set_features,
 )
-from trainer.evaluation_features import all_metrics, check_feature_source, load_extractor
-from trainer.evaluation_sampling import Denoiser, load_model, takes_eval_set, write_sample_set
+from trainer.evaluation.features import all_metrics, check_feature_source, load_extractor
+from trainer.evaluation.sampling import Denoiser, load_model, takes_eval_set, write_sample_set
 from trainer.metrics import image_grid
 
 MODES = ("metrics", "replacement", "denoising", "drift")
@@ -96,7 +96,7 @@ def evaluate(cfg: Config) -> dict:
     rank, world, device = distributed.init()
     Path(cfg.eval.out).mkdir(parents=True, exist_ok=True)
     if cfg.eval.mode in ("denoising", "drift"):
-        from trainer.evaluation_analyses import denoising_mode, drift_mode
+        from trainer.evaluation.analyses import denoising_mode, drift_mode
 
         mode = denoising_mode if cfg.eval.mode == "denoising" else drift_mode
         return mode(cfg, rank, world, device)

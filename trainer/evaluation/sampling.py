@@ -21,8 +21,8 @@ from data.shard_jobs import (
 from models import family_class
 from models.family import state_sha256
 from trainer.config import Config
-from trainer.evaluation_data import ConditionSet
-from trainer.shard_job import ShardJob
+from trainer.evaluation.data import ConditionSet
+from trainer.jobs.shard_job import ShardJob
 
 SAMPLE_FIELDS = {"image": "png", "label": "cls", "meta": "json"}
 CONDITIONED_SAMPLE_FIELDS = {"image": "png", "meta": "json"}  # the entry's conditions stay in eval.data

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,12 +38,10 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import procedural  # noqa: E402
-from models.dit import DiTFamily  # noqa: E402
-from models.feature_net import FeatureNet, frechet_distance, nhwc_to_nchw, save_feature_net  # noqa: E402
-from trainer.loss import NoiseSchedule, diffusion_loss  # noqa: E402
+from data import procedural
+from models.dit import DiTFamily
+from models.feature_net import FeatureNet, frechet_distance, nhwc_to_nchw, save_feature_net
+from trainer.loss import NoiseSchedule, diffusion_loss
 
 IMAGE_SIZE = 16
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

@@ -5,7 +5,7 @@ images per class, by plain fine-tuning and by Diff-Tuning (the paper's and the r
 several seeds and step counts. Every job is the project's (prepare_data, generate_bank, train, evaluate), called
 in this process with the configs/digits.yaml preset and key=value overrides, exactly as the entry points call
 them (one process saves DeepSpeed's start-up per job). Raw numbers go to `<out>/results.json`; the report
-(trainer/experiment_report.py) turns them into docs/results.md and its plots.
+(trainer/experiments/report.py) turns them into docs/results.md and its plots.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from data import digits
 from data.formats import open_shard_set
 from models.feature_net import frechet_distance, load_feature_net, nhwc_to_nchw
 from trainer.config import load_config
-from trainer.evaluation import evaluate
-from trainer.generate import generate_bank
+from trainer.evaluation.evaluate import evaluate
+from trainer.jobs.bank import generate_bank
+from trainer.jobs.prepare import prepare_data
 from trainer.loop import train
-from trainer.prepare import prepare_data
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets" / "digits"
 PRESET = str(ROOT / "configs" / "digits.yaml")
 # Plain fine-tuning; Diff-Tuning with the paper's settings (r = 1/2, lambda = 1, xi = 1 - psi, tau = 1); and

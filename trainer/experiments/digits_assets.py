@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -27,13 +26,11 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import digits  # noqa: E402
-from launch.make_demo_assets import SCHEDULE, dit_initialise, sample_images, save_grid  # noqa: E402
-from models.dit import DiTFamily  # noqa: E402
-from models.feature_net import FeatureNet, nhwc_to_nchw, save_feature_net  # noqa: E402
-from trainer.loss import NoiseSchedule, diffusion_loss  # noqa: E402
+from data import digits
+from models.dit import DiTFamily
+from models.feature_net import FeatureNet, nhwc_to_nchw, save_feature_net
+from trainer.experiments.demo_assets import SCHEDULE, dit_initialise, sample_images, save_grid
+from trainer.loss import NoiseSchedule, diffusion_loss
 
 SOURCE_DIT = dict(
     num_attention_heads=4,

@@ -162,7 +162,7 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
         "",
         "A small pixel-space DiT pre-trained on scikit-learn's handwritten digits 0-4 is transferred to digits 5-9",
         "(a new label space, `model.class_init=fresh`) from few images per class, by plain fine-tuning and by",
-        "Diff-Tuning, with the project's own jobs (`trainer/experiment_digits.py`).",
+        "Diff-Tuning, with the project's own jobs (`trainer/experiments/digits.py`).",
         "",
         f"Command: `{command}`  ",
         f"Seeds: {plan['seeds']} (training seed and the draw of the few target images); images per class: "
@@ -217,6 +217,6 @@ def write_report(results: dict, docs: Path, command: str, prefix: str = "digits"
     path = docs / "results.md"
     path.write_text("\n".join(lines))
     # Paths relative to the checkout, so that the committed copy reads the same on every machine.
-    text = json.dumps(results, indent=2).replace(str(Path(__file__).resolve().parent.parent) + "/", "")
+    text = json.dumps(results, indent=2).replace(str(Path(__file__).resolve().parents[2]) + "/", "")
     (docs / f"{prefix}_results.json").write_text(text + "\n")
     return path

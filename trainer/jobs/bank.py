@@ -23,9 +23,9 @@ from models.annotators import annotate_batch, annotator_for, to_uint8
 from models.family import state_sha256
 from trainer import distributed
 from trainer.config import BankConfig, Config, ConfigError
+from trainer.jobs.shard_job import ShardJob, shard_job_settings
 from trainer.metrics import image_grid
 from trainer.setup import load_family
-from trainer.shard_job import ShardJob, shard_job_settings
 
 BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
 CONTROLNET_BANK_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}

@@ -36,8 +36,8 @@ from data.shard_jobs import derived_seed, shard_ranges
 from models.annotators import annotator_for, as_control
 from trainer import distributed
 from trainer.config import Config, ConfigError, PrepareConfig
+from trainer.jobs.shard_job import ShardJob, shard_job_settings
 from trainer.setup import load_family
-from trainer.shard_job import ShardJob, shard_job_settings
 
 REPORT_NAME = "report.json"
 CONTROLNET_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data.formats import ShardFormat, shard_format
 from data.shard_jobs import WDS, claim_directory, merge_manifest, shard_ranges, shards_to_build, write_owned_shard
 from data.shards import ShardError
 from trainer import distributed
 from trainer.config import Config
+from trainer.metrics import progress_bar
 
 # samples(indices, on_batch): the samples of one shard's index range, calling on_batch(n) after each batch of n
 SampleSource = Callable[[range, Callable[[int], None]], Iterable[dict]]
@@ -75,7 +75,7 @@ class ShardJob:
         ranges = shard_ranges(num_samples, samples_per_shard)
         todo = shards_to_build(self.directory, ranges, self.rank, self.world, self.fmt)
         num_todo = sum(len(ranges[j]) for j in todo)
-        bar = tqdm(
+        bar = progress_bar(
             total=num_todo, desc=f"{progress} (rank 0 of {self.world})", unit=unit, disable=self.rank != 0,
             dynamic_ncols=True,
         )  # fmt: skip

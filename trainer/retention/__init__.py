@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -21,7 +21,9 @@ from data.sampler import BANK
 if TYPE_CHECKING:
     from data.batch import MicroBatch
     from data.shards import ShardDataset
-    from trainer.config import Config
+
+# The trainer's Config: trainer.config validates through this registry, so it is not imported back here.
+Config = Any
 
 RETENTION = BANK  # the plan's source id of the retention slots (the bank's, for which the plan was made)
 
@@ -35,9 +37,9 @@ class Retention(Protocol):
     def open_source(self, target: ShardDataset) -> ShardDataset | None:
         """The data set the retention slots read (`target` is the opened data.target), or None for no slots."""
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained: Callable[[], Any]) -> None:
         """Readies what `slot_losses` needs on the training device, in the training precision (after DeepSpeed
-        set up the model)."""
+        set up the model); `load_pretrained()` builds the frozen pre-trained family, for a method that needs it."""
 
     def slot_losses(
         self,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from data.formats import open_shard_set
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 
 class BankReplay:
@@ -32,7 +32,7 @@ class BankReplay:
             )
         return open_shard_set(self.bank, verify=self.verify)
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained) -> None:
         pass  # the bank is data: nothing to build
 
     def slot_losses(self, objective: torch.Tensor, output, model_input, model_level, batch) -> torch.Tensor:

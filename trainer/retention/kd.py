@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.retention import RETENTION
 
 
@@ -84,10 +84,8 @@ class Distillation:
     def open_source(self, target):
         return target  # the KD slots re-use target images (their own permutation of them)
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        from trainer.setup import load_family
-
-        teacher = load_family(self.cfg, num_classes=0)  # as released: its own label space and null condition
+    def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained) -> None:
+        teacher = load_pretrained()  # as released: its own label space and null condition
         teacher.place_frozen(device, dtype)
         teacher.denoiser.to(device, dtype).eval().requires_grad_(False)
         self.teacher, self.dtype = teacher, dtype

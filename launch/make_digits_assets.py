@@ -1,0 +1,15 @@
+"""Builds the digits experiment's assets (assets/digits).
+
+What they are and how they were made: trainer/experiments/digits_assets.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.experiments.digits_assets import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
