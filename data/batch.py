@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import multiprocessing.forkserver
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,7 +138,34 @@ def start_worker_server(num_workers: int, preload: Sequence[str] = ()) -> None:
     if num_workers:
         _SERVER_PRELOAD.extend(name for name in preload if name not in _SERVER_PRELOAD)
         worker_context()
+        _ensure_server_running()
+
+
+# A scheduler's preemption warning (SLURM: USR1, then TERM) goes to every process of the job step. Only the rank
+# decides what to do (save at the next step boundary: trainer/preemption.py); a helper that the signal ended
+# (by default it ends a process) would fail the rank's next read instead.
+HELPER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def ignore_scheduler_signals(*_) -> None:
+    """In a helper process (a decoding worker: DataLoader's worker_init_fn): leaves the signals to the rank."""
+    for sig in HELPER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _ensure_server_running() -> None:
+    """Starts the forkserver (and multiprocessing's resource tracker, which it needs) with the signals ignored: an
+    ignored signal stays ignored across exec, so both helpers ignore it from their first instruction, and so do the
+    workers forked from the server. The rank's own handlers are put back at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         multiprocessing.forkserver.ensure_running()
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in HELPER_IGNORED_SIGNALS}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StepLoader:
@@ -170,10 +199,11 @@ class StepLoader:
         self._iterator = None
         self._steps = _StepsFrom()
         if num_workers:
+            _ensure_server_running()  # before DataLoader's first worker would start it without the signals ignored
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, sampler=self._steps, collate_fn=_as_is, num_workers=num_workers,
                 prefetch_factor=prefetch, persistent_workers=True, pin_memory=pin_memory,
-                multiprocessing_context=worker_context(),
+                multiprocessing_context=worker_context(), worker_init_fn=ignore_scheduler_signals,
             )  # fmt: skip
         else:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-loader")

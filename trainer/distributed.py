@@ -13,6 +13,21 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher numbered it, also before `init`: RANK (deepspeed, torchrun) or, under
+    srun, SLURM_PROCID."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def device_ordinal(local_rank: int, visible_devices: str | None) -> int:
+    """The index of this rank's device among those it sees. A task that sees one GPU only (srun --gpu-bind,
+    --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per task) has it as device 0, whatever its local rank; a
+    process that sees the node's GPUs (deepspeed's launcher, torchrun, plain srun) takes the one of its local rank."""
+    if visible_devices is not None and len([d for d in visible_devices.split(",") if d.strip()]) == 1:
+        return 0
+    return local_rank
+
+
 def init(timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
     """Joins the process group set up by the launcher (deepspeed, torchrun, srun) or starts a group of one.
 
@@ -20,12 +35,12 @@ def init(timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
     the others fails instead of hanging; it must cover the longest wait of a run (a save, an export).
     """
     # Under `srun`, SLURM numbers the tasks; MASTER_ADDR/PORT come from the sbatch script.
-    for key, slurm_key, default in (
-        ("RANK", "SLURM_PROCID", "0"),
-        ("LOCAL_RANK", "SLURM_LOCALID", "0"),
-        ("WORLD_SIZE", "SLURM_NTASKS", "1"),
-    ):
-        os.environ.setdefault(key, os.environ.get(slurm_key, default))
+    os.environ.setdefault("RANK", str(launcher_rank()))
+    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    # DeepSpeed takes LOCAL_RANK for the device index (the engine, zero.Init, the NCCL device id), so it becomes
+    # the device's ordinal: 0 for a task bound to one GPU, where SLURM_LOCALID would name a device it cannot see.
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    os.environ["LOCAL_RANK"] = str(device_ordinal(local_rank, os.environ.get("CUDA_VISIBLE_DEVICES")))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     accelerator = get_accelerator()

@@ -353,10 +353,11 @@ def shard_hashes(directory: Path) -> list[str]:
 
 
 def test_slurm_template_runs_the_chain_and_requeues_a_preempted_one():
-    from tests.test_slurm import dry_run
+    from tests.slurm.test_slurm import dry_run
 
     out = dry_run("launch/slurm/continual.sbatch", "run_dir=/runs/c", "--until-stage", "2", STAGES="s.yaml")
-    assert "--ntasks-per-node=4 python launch/continual.py --stages s.yaml run_dir=/runs/c --until-stage 2" in out
+    assert "--ntasks-per-node=4 --cpus-per-task=8 python launch/continual.py --stages s.yaml run_dir=/runs/c " \
+           "--until-stage 2" in out  # fmt: skip
     for status in ("75", "138"):  # preempted in training / killed by USR1 outside it: both resume by rerunning
         requeued = dry_run("launch/slurm/continual.sbatch", STAGES="s.yaml", DRY_RUN_STATUS=status)
         assert "scontrol requeue 4242" in requeued

@@ -197,10 +197,11 @@ def test_replacement_curve_and_denoising_modes(kit, one_rank, tmp_path):
 
 
 def test_slurm_template_runs_the_evaluation_on_every_gpu():
-    from tests.test_slurm import dry_run
+    from tests.slurm.test_slurm import dry_run
 
     out = dry_run("launch/slurm/evaluate.sbatch", "eval.model=/runs/a", "eval.out=/runs/a/eval")
-    assert "--ntasks-per-node=4 python launch/evaluate.py --config dit_xl2_paper eval.model=/runs/a" in out
+    assert "--ntasks-per-node=4 --cpus-per-task=8 python launch/evaluate.py --config dit_xl2_paper " \
+           "eval.model=/runs/a" in out  # fmt: skip
 
 
 def test_an_image_folder_reference_reads_as_uint8_at_the_sample_size(kit, tmp_path):
