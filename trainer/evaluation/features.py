@@ -2,7 +2,8 @@
 
 Features come from a frozen net: Inception-v3 from a local weights file (torchmetrics' `NoTrainInceptionV3`, the
 network torch-fidelity ported from the TensorFlow FID graph) or a small `models/feature_net.py` net. FID and KID
-are torchmetrics' metrics fed with features computed already; sFID is the Fréchet distance of spatial features,
+are the Fréchet distance of `models/frechet.py` (a symmetric form that converges on any LAPACK) and torchmetrics'
+KID, fed with features computed already; sFID is the same Fréchet distance of spatial features,
 the first 7 channels of a mid-level feature map (Nash et al., 2021), and precision/recall is the k-NN estimate of
 Kynkäänniemi et al. (2019): the two parts that neither torchmetrics nor torch-fidelity's importable code computes.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from models.feature_net import load_feature_net
+from models.frechet import frechet_distance
 from trainer.config import ConfigError, EvalConfig
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -104,16 +106,6 @@ class Precomputed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    # Every rank holds all features already: no collective inside the metric.
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), sync_on_compute=False)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int):
