@@ -40,11 +40,27 @@ def load_family(cfg: Config, num_classes: int | None = None, *, training: bool =
         m.pretrained, num_classes=m.num_classes if num_classes is None else num_classes, class_init=m.class_init,
         seed=cfg.train.seed, build_context=build_context, load_parameter=load_parameter, **settings, **continuous,
     )  # fmt: skip
-    if training and cfg.train.activation_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
+    if training:
+        apply_activation_checkpointing(family.denoiser, cfg.train.activation_checkpointing)
     if training and cfg.train.compile:
         family.compile_blocks()
     return family
+
+
+def apply_activation_checkpointing(
+    denoiser: torch.nn.Module, enabled: bool, checkpoint_function: Callable | None = None
+) -> None:
+    """train.activation_checkpointing: the trained denoiser recomputes each block's activations in its backward.
+
+    Only the denoiser: frozen parts the gradients flow through (SD's UNet, under a ControlNet) keep theirs, so
+    they cost their whole activations either way. The memory plan (trainer/benchmark/memory_plan.py) calls this
+    same function, with its own `checkpoint_function` to measure the recomputation, so that it plans what runs."""
+    if not enabled:
+        denoiser.disable_gradient_checkpointing()
+    elif checkpoint_function is None:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function)
 
 
 def set_tf32(enabled: bool) -> None:

@@ -52,7 +52,8 @@ def peak_rss_bytes() -> int | None:
 def plan_for(cfg: Config, world_size: int) -> MemoryPlan:
     return plan_memory(
         build_plan_model(cfg.model.pretrained), world_size=world_size, zero_stage=cfg.train.zero_stage,
-        precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size, checkpointing=False,
+        precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
+        checkpointing=cfg.train.activation_checkpointing,
     )  # fmt: skip
 
 

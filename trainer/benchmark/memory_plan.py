@@ -2,8 +2,9 @@
 
 The model is built on the meta device (shapes only). Parameter counts come from the module; activations are
 the tensors autograd saves for the backward pass of one forward on meta tensors (seen through
-`saved_tensors_hooks`, each storage counted once, parameters excluded), with and without the model's
-`enable_gradient_checkpointing()`. Attention is counted as a flash kernel saves it (q, k, v, output,
+`saved_tensors_hooks`, each storage counted once, parameters excluded), with and without activation checkpointing
+applied by the trainer's own `apply_activation_checkpointing` (the trained denoiser only: SD's frozen UNet keeps its
+activations). Attention is counted as a flash kernel saves it (q, k, v, output,
 log-sum-exp): on meta, `scaled_dot_product_attention` would take the math path and save the whole score
 matrix, which no GPU kernel keeps.
 
@@ -17,7 +18,8 @@ DeepSpeed's buffers, sized by trainer.engine.ZERO_BUFFERS (elements): from ZeRO-
 sub-group at a time), and under ZeRO-3 the gathered whole parameters it keeps alive (up to its live-parameter
 limit). The total counts gradients and activations whole at once, as under gradient accumulation; with one
 micro-step per step the real peak is lower by up to the smaller of the two.
-Not counted: the CUDA context, optimizer-step temporaries, the allocator's cache and fragmentation.
+Not counted in the total: the CUDA context, NCCL's buffers, the allocator's cache and fragmentation, and the
+optimizer step's temporaries. "Fits" reserves the first three (see `fit_margin_bytes`) and states the margin left.
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from trainer.engine import ZERO_BUFFERS
+from trainer.setup import apply_activation_checkpointing
 
 GIB = 2**30
+# What a GPU holds besides the plan's tensors, reserved before a plan "fits": the CUDA context with the cuBLAS and
+# cuDNN workspaces (0.5-1 GiB on recent GPUs and CUDA; the upper end), NCCL's communicator buffers (with more than
+# one rank; more with NVLink SHARP) and the caching allocator's fragmentation, a share of the planned total.
+CUDA_CONTEXT_GIB = 1.0
+NCCL_BUFFERS_GIB = 0.5
+FRAGMENTATION = 0.10
 PRECISION_BYTES = {"fp32": 4, "bf16": 2}
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,7 +77,6 @@ class PlanModel:
     trained: torch.nn.Module
     frozen: list[torch.nn.Module]
     forward: Callable[[int, torch.dtype], torch.Tensor]  # (micro-batch, dtype) -> output whose backward trains
-    checkpointable: list[torch.nn.Module]  # modules whose enable_gradient_checkpointing() the run would call
 
 
 def dit_plan_model(config: dict, name: str = "DiT") -> PlanModel:
@@ -81,7 +89,7 @@ def dit_plan_model(config: dict, name: str = "DiT") -> PlanModel:
         t = torch.zeros(batch, dtype=torch.long, device="meta")
         return model(x, timestep=t, class_labels=t).sample
 
-    return PlanModel(name, model, [], forward, [model])
+    return PlanModel(name, model, [], forward)
 
 
 def sd_controlnet_plan_model(unet: UNet2DConditionModel, vae_config: dict, text_config: dict, name: str) -> PlanModel:
@@ -106,7 +114,7 @@ def sd_controlnet_plan_model(unet: UNet2DConditionModel, vae_config: dict, text_
             mid_block_additional_residual=mid, return_dict=False,
         )[0]  # fmt: skip
 
-    return PlanModel(name, controlnet, [unet, vae, text_encoder], forward, [controlnet, unet])
+    return PlanModel(name, controlnet, [unet, vae, text_encoder], forward)
 
 
 def build_plan_model(spec: str) -> PlanModel:
@@ -156,8 +164,8 @@ class _FlashAttentionOnMeta(TorchFunctionMode):
 def activation_bytes(model: PlanModel, micro_batch_size: int, precision: str, checkpointing: bool) -> int:
     """Bytes autograd keeps for the backward of one micro-batch (the output included), each storage once.
 
-    With checkpointing, the kept block inputs plus the largest block's own activations, which its recomputation
-    holds during the backward."""
+    With checkpointing (as the trainer applies it: `apply_activation_checkpointing` on the trained module), the
+    kept block inputs plus the largest block's own activations, which its recomputation holds during the backward."""
     for module in (model.trained, *model.frozen):
         module.to(PRECISION_DTYPE[precision]).train()
     weights = {t.untyped_storage()._cdata for m in (model.trained, *model.frozen) for t in _tensors(m)}
@@ -180,11 +188,7 @@ def activation_bytes(model: PlanModel, micro_batch_size: int, precision: str, ch
         windows.append(sum(recomputed.values()))
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
-    for module in model.checkpointable:
-        if checkpointing:
-            module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_measuring_recompute)
-        else:
-            module.disable_gradient_checkpointing()
+    apply_activation_checkpointing(model.trained, checkpointing, checkpoint_measuring_recompute)
     with torch.autograd.graph.saved_tensors_hooks(collector(saved), lambda tensor: tensor), _FlashAttentionOnMeta():
         output = model.forward(micro_batch_size, PRECISION_DTYPE[precision])
     saved.setdefault(output.untyped_storage()._cdata, output.untyped_storage().nbytes())
@@ -253,6 +257,17 @@ def deepspeed_buffer_bytes(trained: int, world_size: int, zero_stage: int, preci
     return bucket + step_copy + gathered
 
 
+def reserved_bytes(total: int, world_size: int) -> float:
+    """What the GPU needs beyond the plan's `total`: CUDA context, NCCL buffers (several ranks), fragmentation."""
+    nccl = NCCL_BUFFERS_GIB if world_size > 1 else 0.0
+    return (CUDA_CONTEXT_GIB + nccl) * GIB + FRAGMENTATION * total
+
+
+def fit_margin_bytes(total: int, world_size: int, gpu_memory_gib: float) -> float:
+    """Bytes left on a GPU of `gpu_memory_gib` once the plan and the reserve are placed; the plan fits if >= 0."""
+    return gpu_memory_gib * GIB - total - reserved_bytes(total, world_size)
+
+
 def plan_table(
     spec: str, *, world_size: int, zero_stages: list[int], precision: str, micro_batch_size: int,
     checkpointing: list[bool], gpu_memory_gb: float,
@@ -263,9 +278,12 @@ def plan_table(
     frozen = sum(t.numel() for m in model.frozen for t in m.parameters())
     lines = [
         f"{model.name}: {trained / 1e6:.1f}M trained parameters, {frozen / 1e6:.1f}M frozen; {world_size} GPUs, "
-        f"{precision}, micro-batch {micro_batch_size}; GiB per GPU, fits = total <= {gpu_memory_gb:g} GiB",
+        f"{precision}, micro-batch {micro_batch_size}; GiB per GPU of {gpu_memory_gb:g} GiB; margin = GPU - total - "
+        f"reserve (CUDA context {CUDA_CONTEXT_GIB:g}"
+        + (f" + NCCL buffers {NCCL_BUFFERS_GIB:g}" if world_size > 1 else "")
+        + f" GiB + fragmentation {FRAGMENTATION:.0%} of total); fits = margin >= 0",
         f"{'ZeRO':>4} {'ckpt':>4} {'weights':>8} {'grads':>8} {'master':>8} {'optim':>8} {'EMA':>8} "
-        f"{'DS buf.':>8} {'activ.':>8} {'total':>8}  fits",
+        f"{'DS buf.':>8} {'activ.':>8} {'total':>8} {'reserve':>8} {'margin':>8}  fits",
     ]
     rows = []
     for use_checkpointing in checkpointing:
@@ -275,8 +293,11 @@ def plan_table(
                 model, world_size=world_size, zero_stage=stage, precision=precision,
                 micro_batch_size=micro_batch_size, checkpointing=use_checkpointing, activations=activations,
             )  # fmt: skip
-            fits = plan.total <= gpu_memory_gb * GIB
-            gib = {k: v / GIB for k, v in asdict(plan).items()} | {"total": plan.total / GIB}
+            margin = fit_margin_bytes(plan.total, world_size, gpu_memory_gb)
+            fits = margin >= 0
+            reserve = reserved_bytes(plan.total, world_size)
+            gib = {k: v / GIB for k, v in asdict(plan).items()}
+            gib |= {"total": plan.total / GIB, "reserve": reserve / GIB, "margin": margin / GIB}
             rows.append({"model": model.name, "world_size": world_size, "zero_stage": stage, "precision": precision,
                          "micro_batch_size": micro_batch_size, "checkpointing": use_checkpointing, "fits": fits,
                          "gpu_memory_gb": gpu_memory_gb, **{f"{k}_gib": v for k, v in gib.items()}})  # fmt: skip
@@ -284,6 +305,6 @@ def plan_table(
             values = " ".join(f"{gib[k]:8.2f}" for k in states)
             lines.append(
                 f"{stage:>4} {'yes' if use_checkpointing else 'no':>4} {values} {gib['activations']:8.2f} "
-                f"{gib['total']:8.2f}  {'yes' if fits else 'NO'}"
+                f"{gib['total']:8.2f} {gib['reserve']:8.2f} {gib['margin']:8.2f}  {'yes' if fits else 'NO'}"
             )
     return "\n".join(lines), rows

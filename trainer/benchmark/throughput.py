@@ -35,13 +35,36 @@ from trainer.loss import NoiseSchedule, diffusion_loss
 from trainer.retention import RETENTION
 from trainer.setup import build_planner, load_family, open_sources
 
-# Dense peaks in TFLOP/s (bf16, tf32) by a substring of the device name; first match wins.
-GPU_PEAK_TFLOPS = (
-    ("H200", {"bf16": 989.4, "fp32": 494.7}),
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
-    ("H100", {"bf16": 989.4, "fp32": 494.7}),
-    ("A100", {"bf16": 312.0, "fp32": 156.0}),
-)
+# Dense tensor-core peaks in TFLOP/s (no 2:4 sparsity), from the vendors' datasheets: bf16; tf32 (fp32 matmuls
+# with train.tf32 on); fp32 (the CUDA cores' plain FP32, train.tf32 off). SXM figures for the SXM parts; NVL and
+# PCIe parts run at lower clocks and power and have their own rows.
+GPU_PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H200 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H800 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H800 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H20": {"bf16": 148.0, "tf32": 74.0, "fp32": 44.0},
+    "B200": {"bf16": 2250.0, "tf32": 1100.0, "fp32": 75.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe, 40 and 80 GB alike
+    "A800": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.05, "tf32": 90.5, "fp32": 90.5},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+}
+# torch.cuda.get_device_name() as the driver reports it -> the row above. Matched whole (case, "NVIDIA " and
+# "-" vs " " aside), never by substring: "H100 NVL" contains "H100" but is not an SXM part. A name not listed
+# has no known peak and its MFU is reported as unknown (--peak_tflops gives it).
+GPU_NAMES = {
+    "H100 80GB HBM3": "H100 SXM", "H100 NVL": "H100 NVL", "H100 PCIe": "H100 PCIe", "H200": "H200 SXM",
+    "H200 NVL": "H200 NVL", "H800": "H800 SXM", "H800 PCIe": "H800 PCIe", "H20": "H20", "B200": "B200",
+    "A100-SXM4-40GB": "A100", "A100-SXM4-80GB": "A100", "A100-SXM-80GB": "A100", "A100-PCIE-40GB": "A100",
+    "A100 80GB PCIe": "A100", "A800-SXM4-80GB": "A800", "A800 80GB PCIe": "A800", "L40S": "L40S", "L40": "L40",
+    "L4": "L4", "A10": "A10",
+}  # fmt: skip
 FINETUNE = ["method.bank_ratio=0", "method.tau=0"]
 # The bank's lambda is bank replay's only; KD weighs its slots by method.kd_weight (and refuses another lambda).
 KD = ["method.retention=kd", "data.bank=null", "method.bank_loss_weight=1"]
@@ -53,13 +76,30 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+def _normalised(name: str) -> str:
+    name = " ".join(name.replace("-", " ").split()).upper()
+    return name.removeprefix("NVIDIA ")
+
+
+GPU_ROWS = {_normalised(name): row for name, row in GPU_NAMES.items()}
+
+
+def gpu_peak_tflops(device_name: str, precision: str, tf32: bool) -> tuple[str, float] | None:
+    """(table row, dense peak TFLOP/s) of a GPU by its exact name, for the training precision (fp32: the TF32
+    tensor-core peak only with train.tf32 on); None for a GPU not in the table."""
+    row = GPU_ROWS.get(_normalised(device_name))
+    if row is None:
+        return None
+    kind = "tf32" if precision == "fp32" and tf32 else precision
+    return f"{row} {kind}", GPU_PEAK_TFLOPS[row][kind]
+
+
+def peak_tflops(device: torch.device, precision: str, tf32: bool, override: float | None) -> tuple[str, float] | None:
     if override:
-        return override
+        return "--peak_tflops", override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
+    return gpu_peak_tflops(torch.cuda.get_device_name(device), precision, tf32)
 
 
 def benchmark_overrides(run_dir: Path, steps: int, log_every: int) -> list[str]:
@@ -264,7 +304,7 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
     if rank != 0:
         return {}
     step_s = {v: statistics.median(s) for v, s in seconds.items()}
-    peak = peak_tflops(device, cfg.train.precision, peak_override)
+    peak_row, peak = peak_tflops(device, cfg.train.precision, cfg.train.tf32, peak_override) or (None, None)
     achieved = {v: variant_flops[v] / step_s[v] / 1e12 for v in variants}
     return {
         "config": config, "overrides": overrides, "device": device_name(device), "world_size": world_size,
@@ -274,6 +314,7 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
         "step_ms": {v: s * 1000 for v, s in step_s.items()},
         "images_per_second_per_gpu": {v: batch / s / world_size for v, s in step_s.items()},
         "flops_per_step_per_rank": flops, "tflops_per_gpu": achieved, "peak_tflops": peak,
+        "peak_source": peak_row,
         "flops_ratio_kd_over_difftune": variant_flops["kd"] / flops, "kd_not_measured": kd_refused,
         "mfu": {v: a / peak for v, a in achieved.items()} if peak else None,
         "steps_per_second": {v: 1.0 / s for v, s in step_s.items()},
@@ -316,7 +357,7 @@ def format_report(result: dict) -> str:
         row("steps/s", r["steps_per_second"], ".3f"),
         row("images/s per GPU", r["images_per_second_per_gpu"], ".1f"),
         row("achieved TFLOP/s per GPU", r["tflops_per_gpu"], ".3f"),
-        row("MFU" + ("" if r["peak_tflops"] else " (no peak known: --peak_tflops)"), r["mfu"], ".1%"),
+        row("MFU" + ("" if r["peak_tflops"] else " (unknown: no peak for this GPU)"), r["mfu"], ".1%"),
         row("peak memory, GiB (max over ranks)", peaks, ".2f"),
         row("data-wait share", r["data_wait_share"], ".2%"),
         f"{'host reads per step (no log/save)':34}"
@@ -324,7 +365,8 @@ def format_report(result: dict) -> str:
            if reads else f"{'n/a':>12}"),
         f"peak memory is {r['peak_memory_kind']}",
         f"FLOPs per step per rank {r['flops_per_step_per_rank'] / 1e9:.2f} GFLOP (torch.utils.flop_counter); "
-        f"peak {r['peak_tflops'] or 'n/a'} TFLOP/s",
+        + (f"peak {r['peak_tflops']} TFLOP/s ({r['peak_source']}, dense)" if r["peak_tflops"] else
+         f"peak unknown for {r['device']}: MFU not reported; pass --peak_tflops with its dense peak"),
         f"step-time ratio Diff-Tuning / fine-tuning      {r['ratio_difftune_over_finetune']:.3f}",
         f"step-time ratio Diff-Tuning / minimal loop     {r['ratio_difftune_over_plain']:.3f}",
         f"step-time ratio fine-tuning / minimal loop     {r['ratio_finetune_over_plain']:.3f}",
