@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,38 @@ import pytest
 from tests.tiny import make_shards, make_tiny_dit
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+TEST_DEVICES = ("cpu", "cuda")
+
+
+def requested_test_device(environ: Mapping[str, str] = os.environ) -> str:
+    """Where the tests train: the CPU (DeepSpeed's CPU accelerator, gloo) unless DIFFTUNE_TEST_DEVICE=cuda or
+    DS_ACCELERATOR=cuda asks for the GPU, as `launch/gpu_check.py` does; then DeepSpeed picks CUDA itself."""
+    asked = environ.get("DIFFTUNE_TEST_DEVICE") or ("cuda" if environ.get("DS_ACCELERATOR") == "cuda" else "cpu")
+    if asked not in TEST_DEVICES:
+        raise ValueError(f"DIFFTUNE_TEST_DEVICE={asked!r} is not one of {TEST_DEVICES}")
+    return asked
+
+
+TEST_DEVICE = requested_test_device()
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_configure(config) -> None:
+    import torch
+
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("the tests were asked to run on CUDA (DIFFTUNE_TEST_DEVICE or DS_ACCELERATOR), but "
+                                "torch sees no CUDA device; unset both to run them on the CPU")  # fmt: skip
+
+
+def pytest_report_header(config) -> str:
+    if TEST_DEVICE == "cpu":
+        return f"test device: cpu (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')})"
+    import torch
+
+    # The count only: naming the device would create a CUDA context in this process before tests fork.
+    return f"test device: cuda ({torch.cuda.device_count()} visible)"
 
 
 SHM = Path("/dev/shm")
@@ -33,7 +65,11 @@ def free_leaked_shared_memory():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny pixel-space DiT (10 classes) and its target (4 classes) and bank shard sets."""
-    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_set(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny_set(root: Path) -> dict[str, Path]:
+    """The `tiny` fixture's folders, made in `root` (also used by launch/gpu_check.py)."""
     return {
         "pretrained": make_tiny_dit(root / "pretrained"),
         "target": make_shards(root / "target", 40, num_classes=4, per_shard=16),
@@ -51,16 +87,29 @@ def free_port() -> int:
 def child_env() -> dict[str, str]:
     """The environment of a launched job: one thread per process (two ranks on two cores would otherwise
     oversubscribe the machine many times), and none of the rendezvous variables that in-process tests set
-    in this process (a child would try to bind this process's port)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    in this process (a child would try to bind this process's port). On the CPU DeepSpeed is told so; on CUDA
+    it is left to pick the GPU, as it does for users."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if TEST_DEVICE == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env.pop("DS_ACCELERATOR", None)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
 
-def run_entry(script: str, args: list[str], num_procs: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `launch/<script>` as users do: one plain process, or `deepspeed --num_gpus N` on the CPU."""
-    env = child_env()
+def run_entry(
+    script: str, args: list[str], num_procs: int = 1, timeout: float = 600, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `launch/<script>` as users do: one plain process, or `deepspeed --num_gpus N` (CPU ranks, or one GPU
+    each). `env` adds to the child's environment."""
+    if TEST_DEVICE == "cuda":
+        import torch
+
+        if num_procs > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
+            pytest.skip(f"{num_procs} ranks on CUDA need {num_procs} GPUs; {torch.cuda.device_count()} visible")
+    env = {**child_env(), **(env or {})}
     if num_procs == 1:
         command = [sys.executable, str(ROOT / "launch" / script)]
     else:

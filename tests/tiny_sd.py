@@ -140,7 +140,11 @@ def make_sd_shards(folder: Path, pretrained: Path, num_samples: int, *, per_shar
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> dict[str, Path]:
     """A tiny SD 1.5 folder and target (12 samples) and bank (8) shard sets for it; import it into a test module."""
-    root = tmp_path_factory.mktemp("tiny_sd")
+    return make_tiny_sd_set(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def make_tiny_sd_set(root: Path) -> dict[str, Path]:
+    """The `tiny_sd` fixture's folders, made in `root` (also used by launch/gpu_check.py)."""
     pretrained = make_tiny_sd(root / "pretrained")
     return {
         "pretrained": pretrained,
