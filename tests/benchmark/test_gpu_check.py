@@ -44,9 +44,9 @@ def test_a_check_that_raises_or_is_out_of_time_is_a_row(tmp_path):
         raise KeyError("loss/kd")
 
     check = Check("broken", 10, broken, lambda ctx: "nothing")
-    row = run_one(Context("cpu", tmp_path), check, 10, phase_end=1e12)
+    row = run_one(Context("cpu", tmp_path, {}), check, 10, phase_end=1e12)
     assert (row.status, row.detail) == (FAIL, "KeyError: 'loss/kd'")
-    row = run_one(Context("cpu", tmp_path), check, 10, phase_end=0.0)  # the overall budget is spent
+    row = run_one(Context("cpu", tmp_path, {}), check, 10, phase_end=0.0)  # the overall budget is spent
     assert (row.status, row.detail) == (SKIP, "no time left in the overall budget")
 
 
