@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: env test lint demo bench experiment
+.PHONY: env test lint slurm demo bench experiment
 
 env: $(STAMP)
 
@@ -18,7 +18,20 @@ lint: env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: lint
+# Debian's slurm-wlm and munge, for the tests that run the sbatch scripts on a two-node SLURM cluster started on
+# this machine (tests/slurm/). Installed with apt where this runs as root; elsewhere those tests are skipped,
+# saying why, except in CI (CI=true), where a missing cluster fails the run.
+SLURM_TOOLS := sbatch slurmctld slurmd munged
+slurm:
+	@missing=; for tool in $(SLURM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurm-wlm munge >/dev/null; \
+	elif [ "$$CI" = true ]; then echo "make slurm:$$missing missing; CI needs root and apt-get to install them" >&2; exit 1; \
+	else echo "make slurm:$$missing missing, not root or no apt-get: the SLURM cluster tests will be skipped" >&2; fi
+
+test: lint slurm
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q
 
 demo: env
