@@ -28,7 +28,7 @@ from models.dit_weights import (
     relabelled,
     stream_into,
 )
-from models.family import state_sha256
+from models.family import state_sha256, to_device
 from models.noise.ddpm import DDPMProcess
 from models.samplers import DDPM_SAMPLERS, ddpm_sampler
 from models.vae import Generators, vae_decode, vae_downsampling, vae_encode
@@ -164,7 +164,7 @@ class DiTFamily:
     def condition(self, fields: dict[str, torch.Tensor], null_condition: torch.Tensor) -> torch.Tensor:
         """Class labels, with the null class where the slot's condition is null (bank, dropout)."""
         labels = fields["label"].long()
-        return torch.where(null_condition.to(labels.device), self.null_condition, labels)
+        return torch.where(to_device(null_condition, labels.device), self.null_condition, labels)
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor):
         return denoiser(x_t, timestep=t, class_labels=condition).sample

@@ -104,6 +104,14 @@ class ModelFamily(Protocol):
         """Writes a folder that the family's library loads (diffusers) and `from_pretrained` loads back."""
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor (a plan's mask, row indices) on `device` without the host waiting: on CUDA copied from pinned
+    memory, non-blocking (a copy from pageable memory blocks the host until the stream gets to it); else `.to`."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def state_sha256(module: torch.nn.Module) -> str:
     """Fingerprint of a module's weights (names, shapes, dtypes and bytes)."""
     digest = hashlib.sha256()

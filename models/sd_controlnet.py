@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.annotators import synthetic_controls
-from models.family import combined_sha256
+from models.family import combined_sha256, to_device
 from models.noise.ddpm import DDPMProcess
 from models.samplers import DDPM_SAMPLERS, ddpm_sampler
 from models.vae import Generators, vae_downsampling, vae_encode
@@ -186,7 +186,8 @@ class SDControlNetFamily:
             text = null_text.expand(len(tokens), -1, -1).clone()
             captioned = torch.from_numpy(np.flatnonzero(~null_condition.numpy()))
             if len(captioned):
-                text[captioned.to(text.device)] = self.encode_text(tokens[captioned.to(tokens.device)])
+                rows = to_device(captioned, text.device)
+                text[rows] = self.encode_text(tokens[rows.to(tokens.device)])
         else:
             null = null_condition.to(null_text.device)[:, None, None]
             text = torch.where(null, null_text, self.encode_text(tokens))

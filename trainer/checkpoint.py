@@ -78,9 +78,11 @@ def save(
 def resume_plan(root: Path, world_size: int, partitioned: bool, plan: dict, allow_plan_change: bool):
     """(state, load_universal) for a resume, or (None, False) when there is nothing to resume.
 
-    Refuses, with the reason, a resume whose global batches would differ from the saved run's.
+    Refuses, with the reason, a resume whose global batches would differ from the saved run's. A collective:
+    rank 0 reads the `latest` pointer and the state, the others get them (one reader of a shared folder, and every
+    rank resumes the same tag even if the pointer moves meanwhile).
     """
-    state = read_state(root)
+    state = distributed.from_rank0(lambda: read_state(root))
     if state is None:
         return None, False
     changed = {k: (state.plan.get(k), v) for k, v in plan.items() if state.plan.get(k) != v}
@@ -95,15 +97,15 @@ def resume_plan(root: Path, world_size: int, partitioned: bool, plan: dict, allo
     return state, universal
 
 
-def load(engine, ema: ShardedEMA, root: Path, universal: bool, rank: int) -> None:
-    """Restores engine, optimizer and EMA from the latest complete checkpoint (a collective)."""
-    tag = latest_tag(root)
+def load(engine, ema: ShardedEMA, root: Path, state: RunState, universal: bool, rank: int) -> None:
+    """Restores engine, optimizer and EMA from the checkpoint of `state` (resume_plan's; a collective)."""
+    saved = tag = tag_of(state.step)
     if universal:
-        tag = _universal_copy(Path(root), tag, rank)
+        tag = _universal_copy(Path(root), saved, rank)
     path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not _frozen(engine))
     if path is None:
         raise FileNotFoundError(f"--resume: checkpoint {Path(root) / tag} could not be loaded by DeepSpeed")
-    ema.load(Path(root) / latest_tag(root), rank)  # the saved tag: a universal copy holds no EMA
+    ema.load(Path(root) / saved, rank)  # the saved tag: a universal copy holds no EMA
 
 
 def _frozen(engine) -> set[str]:
@@ -124,6 +126,7 @@ def _universal_copy(root: Path, tag: str, rank: int) -> str:
             keep_temp_folder=False, strict=True, inject_missing_state=False,
         ))  # fmt: skip
         os.replace(tmp, root / universal)
+    # DeepSpeed's tool converts on one process; the others wait here, for up to train.collective_timeout_minutes.
     distributed.barrier()
     return universal
 

@@ -6,7 +6,7 @@ how to fix the problem.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -130,7 +130,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     global_batch_size: int = 32
-    micro_batch_size: int = 32
+    # Samples per rank per forward, or "auto": the largest that divides the rank's share of the global batch
+    # and is at most max_micro_batch_size, so that a preset starts on any number of GPUs that divides it.
+    micro_batch_size: int | str = 32
+    max_micro_batch_size: int = 32  # cap of micro_batch_size=auto: what fits one GPU (launch/benchmark.py --plan)
     steps: int = 24000
     seed: int = 0
     zero_stage: int = 0  # 0-3; bf16 needs >= 1 (the presets use 2)
@@ -139,6 +142,10 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     compile: bool = False  # torch.compile each transformer block / ControlNet down block
     tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (as DiT's train.py)
+    overlap_comm: bool = True  # ZeRO-2/3: reduce and gather in buckets while the backward still computes
+    # A rank waiting longer than this in a collective fails rather than hanging: it must cover the longest wait
+    # (rank 0 converting a checkpoint to the universal format on an elastic resume, an export).
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -368,8 +375,14 @@ def check_config(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.method.bank_ratio < 1.0:
         raise ConfigError(f"method.bank_ratio={cfg.method.bank_ratio} must be in [0, 1)")
-    if cfg.train.global_batch_size < 1 or cfg.train.micro_batch_size < 1:
-        raise ConfigError("train.global_batch_size and train.micro_batch_size must be positive")
+    micro = cfg.train.micro_batch_size
+    if cfg.train.global_batch_size < 1 or (micro != "auto" and not (isinstance(micro, int) and micro >= 1)):
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be positive and "
+            f"train.micro_batch_size={micro!r} positive or auto"
+        )
+    if cfg.train.max_micro_batch_size < 1 or cfg.train.collective_timeout_minutes <= 0:
+        raise ConfigError("train.max_micro_batch_size must be >= 1 and train.collective_timeout_minutes > 0")
     if not 0.0 <= cfg.method.label_dropout < 1.0:
         raise ConfigError(f"method.label_dropout={cfg.method.label_dropout} must be in [0, 1)")
     if cfg.eval.every < 0 or min(cfg.eval.num_controls, cfg.eval.num_steps, cfg.eval.batch_size) < 1:
@@ -396,16 +409,51 @@ def plan_settings(cfg: Config) -> dict:
     }  # fmt: skip
 
 
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """train.micro_batch_size on `world_size` ranks; `auto`: the largest divisor of the rank's share of the global
+    batch that is at most train.max_micro_batch_size."""
+    batch = cfg.train.global_batch_size
+    if batch % world_size:
+        divisors = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+        multiple = world_size * -(-batch // world_size)
+        raise ConfigError(
+            f"train.global_batch_size={batch} cannot be split over {world_size} ranks: run on a number of GPUs "
+            f"that divides it ({divisors}), or set train.global_batch_size to a multiple of {world_size}, e.g. "
+            f"train.global_batch_size={multiple} (the batches, and so the results, then differ from the preset's)"
+        )
+    if cfg.train.micro_batch_size != "auto":
+        return int(cfg.train.micro_batch_size)
+    share = batch // world_size
+    return max(n for n in range(1, min(share, cfg.train.max_micro_batch_size) + 1) if share % n == 0)
+
+
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
     """Global batch = world size x micro-batch x accumulation; anything else is refused."""
-    per_step = world_size * cfg.train.micro_batch_size
+    micro = micro_batch_size(cfg, world_size)
+    per_step = world_size * micro
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-            f"ranks x train.micro_batch_size = {world_size} x {cfg.train.micro_batch_size} = {per_step}; "
-            "pick a micro-batch size (or number of ranks) whose product divides the global batch"
+            f"ranks x train.micro_batch_size = {world_size} x {micro} = {per_step}; "
+            "set train.micro_batch_size=auto, or pick a micro-batch size (or number of ranks) whose product "
+            "divides the global batch"
         )
     return cfg.train.global_batch_size // per_step
+
+
+def with_micro_batch(cfg: Config, world_size: int) -> Config:
+    """A copy of `cfg` with train.micro_batch_size resolved to a number for `world_size` ranks (`auto` resolved)."""
+    gradient_accumulation_steps(cfg, world_size)  # refuses a batch that does not split
+    return replace(cfg, train=replace(cfg.train, micro_batch_size=micro_batch_size(cfg, world_size)))
+
+
+def describe_batch(cfg: Config, world_size: int) -> str:
+    """One line for the start of a run: how the global batch is laid out."""
+    auto = " (train.micro_batch_size=auto)" if cfg.train.micro_batch_size == "auto" else ""
+    return (
+        f"global batch {cfg.train.global_batch_size} = {world_size} ranks x micro-batch "
+        f"{micro_batch_size(cfg, world_size)}{auto} x {gradient_accumulation_steps(cfg, world_size)} accumulation steps"
+    )
 
 
 def to_yaml(cfg: Config) -> str:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+T = TypeVar("T")
 
 
 def launcher_rank() -> int:
@@ -88,6 +92,30 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def from_rank0(read: Callable[[], T]) -> T:
+    """Rank 0 calls `read` (e.g. reads a file); every rank gets its result, or raises its exception, so the other
+    ranks neither read the file themselves nor hang when rank 0 fails (a collective, on the host group)."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(read(), None)]
+        except Exception as err:  # raised on every rank below
+            box = [(None, err)]
+    dist.broadcast_object_list(box, src=0, group=_host_group)
+    value, err = box[0]
+    if err is not None:
+        raise err
+    return value
+
+
+def first_error(message: str | None) -> str | None:
+    """The first rank's error message, on every rank (None when no rank has one): a check split across ranks
+    ends with all of them taking the same branch, and the message names what the rank that found it found."""
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message, group=_host_group)
+    return next((m for m in messages if m), None)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from trainer.optim import GuardedAdamW
 # that no rank holds all weights; trainer/benchmark/memory_plan.py counts these buffers (elements).
 ZERO_BUFFERS = {
     "reduce_bucket_size": 50_000_000,
+    "allgather_bucket_size": 50_000_000,  # ZeRO-1/2's gather of the updated partitions (default 5e8)
     "stage3_prefetch_bucket_size": 50_000_000,
     "stage3_max_live_parameters": 100_000_000,
     "stage3_max_reuse_distance": 50_000_000,
@@ -28,14 +29,23 @@ def deepspeed_config(cfg: Config, accumulation_steps: int, load_universal: bool 
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
-        "zero_optimization": {"stage": cfg.train.zero_stage, **ZERO_BUFFERS},
+        # overlap_comm: buckets are reduced (ZeRO-2) or gathered (ZeRO-3) on a side stream while the backward
+        # goes on; serial, a DiT-XL/2 step waits after its backward for its gradients (about 2.7 GB of bf16).
+        "zero_optimization": {
+            "stage": cfg.train.zero_stage,
+            **ZERO_BUFFERS,
+            "overlap_comm": cfg.train.overlap_comm and cfg.train.zero_stage >= 2,
+        },
         "zero_allow_untested_optimizer": True,  # our AdamW subclass (trainer/optim.py)
         # The skip decision is ours, on the device (trainer/optim.py): DeepSpeed's own check reads the host.
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": False},
         "gradient_clipping": cfg.optim.grad_clip,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logger reports
-        "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every forward and step when enabled: our
+        # logger measures throughput on the host, at its own log steps.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
+        "wall_clock_breakdown": False,  # per-phase timers, which synchronise too
     }
 
 

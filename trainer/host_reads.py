@@ -1,6 +1,8 @@
 """Counting host reads: every time a tensor's value is read back into Python (`.item()`, `bool(t)`,
 `float(t)`, `.tolist()`, boolean-mask indexing, a data-dependent shape) torch runs
-`aten._local_scalar_dense`; on a GPU each one waits for the device to finish (DESIGN invariant 6).
+`aten._local_scalar_dense`; on a GPU each one waits for the device to finish (DESIGN invariant 6). A device
+synchronisation through DeepSpeed's accelerator (its timers do one per forward and step) waits the same way
+and is counted too, as origin "device_sync".
 
 `debug.count_host_reads=true` wraps every training step in `HostReadCounter` and writes one line per
 step to `run.dir/host_reads/rank_XXXXX.jsonl`. Each read is attributed to the innermost Python frame outside
@@ -16,6 +18,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PROJECT_DIRS = tuple(str(Path(__file__).resolve().parent.parent / name) for name in ("trainer", "data", "models"))
@@ -75,8 +78,12 @@ class HostReadCounter(TorchDispatchMode):
         self.sites: dict[str, int] = {}
         self._originals: dict[str, object] = {}
 
-    def _count(self, tensor, frame) -> None:
-        origin, site = ("host_side", "") if tensor in _HOST_SIDE else read_origin(frame)
+    def _count(self, tensor, frame, origin: str | None = None) -> None:
+        if tensor is not None and tensor in _HOST_SIDE:
+            origin, site = "host_side", ""
+        else:
+            found, site = read_origin(frame)
+            origin = origin or found
         self.counts[origin] = self.counts.get(origin, 0) + 1
         if site:
             self.sites[site] = self.sites.get(site, 0) + 1
@@ -95,11 +102,21 @@ class HostReadCounter(TorchDispatchMode):
                 return _original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, name, counted)
+        # A device synchronisation makes the host wait as a read does, with no tensor to dispatch: DeepSpeed's
+        # (its timers, say) go through the accelerator, whose call is counted as origin "device_sync".
+        accelerator, synchronize = get_accelerator(), get_accelerator().synchronize
+
+        def counted_sync(*args, **kwargs):
+            self._count(None, sys._getframe(1), origin="device_sync")
+            return synchronize(*args, **kwargs)
+
+        accelerator.synchronize = counted_sync
         return super().__enter__()
 
     def __exit__(self, *exc):
         for name, original in self._originals.items():
             setattr(torch.Tensor, name, original)
+        vars(get_accelerator()).pop("synchronize", None)  # the class's method again
         return super().__exit__(*exc)
 
     def take(self) -> tuple[dict[str, int], dict[str, int]]:

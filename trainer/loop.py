@@ -17,10 +17,11 @@ import torch
 
 from data.batch import MicroBatch, StepLoader, start_worker_server
 from data.sampler import TARGET, slot_ids
+from models.family import to_device
 from models.tuning import save_adapter
 from trainer import checkpoint, distributed
 from trainer.checkpoint import RunState
-from trainer.config import Config, MethodConfig, gradient_accumulation_steps
+from trainer.config import Config, MethodConfig, describe_batch, gradient_accumulation_steps, with_micro_batch
 from trainer.convergence import convergence_tracker
 from trainer.ema import ShardedEMA
 from trainer.ema_start import start_ema_from
@@ -48,8 +49,11 @@ class NonFiniteError(RuntimeError):
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Runs (or continues) a training run; returns its run directory."""
-    rank, world_size, device = distributed.init()
+    rank, world_size, device = distributed.init(cfg.train.collective_timeout_minutes)
     accumulation = gradient_accumulation_steps(cfg, world_size)
+    if rank == 0:
+        print(describe_batch(cfg, world_size), flush=True)
+    cfg = with_micro_batch(cfg, world_size)  # `auto` becomes this world size's number, for the engine and the slots
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
     check_run_dir(run_dir, resume, overwrite)
     # Decoding workers fork from a fresh server, not from this rank once it holds its model; the server imports
@@ -58,7 +62,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
     family = load_family(cfg, training=True)  # under ZeRO-3 built partitioned: no rank holds all weights
     tuning = apply_tuning(cfg, family, rank)  # which parameters train (full, DiffFit, BitFit, LoRA)
     retention = retention_method(cfg)  # what keeps pre-trained knowledge: bank replay or distillation
-    sources = open_sources(cfg, family, retention)
+    sources = open_sources(cfg, family, retention, rank, world_size)
     planner = build_planner(cfg, family, sources)
     partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"
     saved, universal = (None, False)
@@ -86,7 +90,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path
         start_ema_from(ema, cfg)  # a continual stage carries the previous stage's EMA on
     state = RunState(world_size=world_size, partitioned=partitioned, plan=run_plan(cfg, planner))
     if saved is not None:
-        checkpoint.load(engine, ema, ckpt_root, universal, rank)
+        checkpoint.load(engine, ema, ckpt_root, saved, universal, rank)
         state.step, state.applied_steps = saved.step, saved.applied_steps
         state.skipped_steps, state.consecutive_skips = saved.skipped_steps, saved.consecutive_skips
         optimizer.counters.restore(saved.applied_steps, saved.skipped_steps, saved.consecutive_skips)
@@ -148,7 +152,7 @@ class StepFunction:
     def __call__(self, step: int, micro_batches: list[MicroBatch]) -> torch.Tensor:
         self.optimizer.begin_step()
         for host_batch in micro_batches:
-            weights = source_weights(host_batch.is_retention, *self.counts).to(self.device, non_blocking=True)
+            weights = to_device(source_weights(host_batch.is_retention, *self.counts), self.device)
             batch = host_batch.to(self.device)
             # The plan's null mask stays on the host too: a family may skip work for null slots without a sync.
             batch.null_condition = host_side(host_batch.null_condition)
@@ -269,14 +273,18 @@ def sample_grid(family, engine, ema: ShardedEMA, cfg: Config, log: MetricsLogger
 
 def export(family, engine, ema: ShardedEMA, run_dir: Path, rank: int, class_names, tuning) -> None:
     """Writes EMA and raw weights in diffusers format under run_dir/export (gathering is a collective), merged
-    with the PEFT method's additions, and the adapter alone beside them (export/ema_adapter, raw_adapter)."""
-    ema_state = ema.full_state_dict()
+    with the PEFT method's additions, and the adapter alone beside them (export/ema_adapter, raw_adapter).
+    Rank 0 writes the EMA, the last rank the raw weights: two ranks share the writing, the others wait."""
+    ema_state = ema.full_state_dict()  # on rank 0
+    raw_rank = engine.world_size - 1
     with distributed.full_parameters(engine.module):
         raw = (
-            {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+            {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+            if rank == raw_rank
+            else None
         )
-    if rank == 0:
-        for which, state in (("ema", ema_state), ("raw", raw)):
+    for which, state, writer in (("ema", ema_state, 0), ("raw", raw, raw_rank)):
+        if rank == writer:
             family.export(tuning.merged_state_dict(state), run_dir / "export" / which, class_names)
             save_adapter(tuning, state, run_dir / "export" / f"{which}_adapter")
-    distributed.barrier()
+    distributed.barrier()  # waits for the writers, for up to train.collective_timeout_minutes

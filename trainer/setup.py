@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.formats import open_shard_set
+from data.composed import is_composed, read_composed
+from data.formats import ShardFormat, open_shard_set, shard_format
 from data.sampler import TARGET, GlobalBatchPlanner
-from data.shards import ShardDataset
+from data.shards import ShardDataset, ShardError, ShardRecord, read_manifest
 from models import family_entry
 from models.dit_weights import copy_into_parameter
 from models.tuning import TuningMethod, describe, tuning_method
+from trainer import distributed
 from trainer.config import Config, ConfigError, gradient_accumulation_steps, plan_settings, to_yaml
 from trainer.retention import RETENTION, Retention, retention_method
 
@@ -131,6 +133,42 @@ def truncate_ledger(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def read_directories(cfg: Config, retention: Retention) -> list[str]:
+    """The shard sets the run reads: data.target, and the retention's (its `source_key`) when it has slots."""
+    directories = [cfg.data.target]
+    if cfg.method.bank_ratio > 0:
+        directories.append(getattr(cfg.data, retention.source_key.removeprefix("data.")))
+    return list(dict.fromkeys(d for d in directories if d))
+
+
+def shard_files(directory: str | Path) -> list[tuple[Path, ShardRecord, ShardFormat]]:
+    """(path, manifest record, format) of every shard of a shard set, through the parts of a composed set."""
+    if is_composed(directory):
+        return [entry for part in read_composed(directory).parts for entry in shard_files(part.path)]
+    manifest = read_manifest(directory)
+    fmt = shard_format(manifest.meta.get("format", "wds"))
+    return [(Path(directory) / record.name, record, fmt) for record in manifest.shards]
+
+
+def verify_shards(directories: list[str], rank: int, world_size: int) -> None:
+    """Hashes shard i (of all the sets' shards) on rank i mod `world_size` only, then the ranks agree (a collective
+    when `world_size` > 1): a bad shard stops every rank, named by the rank that found it, before any work."""
+    shards = {path: (record, fmt) for directory in directories for path, record, fmt in shard_files(directory)}
+    error = None
+    for path, (record, fmt) in list(shards.items())[rank::world_size]:
+        digest = fmt.digest(path) if path.exists() else None
+        # A missing or resized shard is named by every rank's open (its size check), after this.
+        if digest is not None and digest[0] == record.num_bytes and digest[1] != record.sha256:
+            error = (
+                f"shard {path} fails its sha256 check against the manifest (corrupt or changed; found by rank "
+                f"{rank}); re-run the job that wrote it (launch/prepare_data.py or launch/generate_bank.py)"
+            )
+            break
+    error = distributed.first_error(error) if world_size > 1 else error
+    if error:
+        raise ShardError(error)
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise ConfigError(
@@ -139,12 +177,20 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def open_sources(cfg: Config, family, retention: Retention | None = None) -> dict[int, ShardDataset]:
+def open_sources(
+    cfg: Config, family, retention: Retention | None = None, rank: int = 0, world_size: int = 1
+) -> dict[int, ShardDataset]:
     """Opens (and checks against their manifests) the target shards and the data set the retention slots read
-    (the bank; none for plain fine-tuning)."""
+    (the bank; none for plain fine-tuning).
+
+    With data.verify=sha256 each shard is hashed once in all, split across the ranks (`verify_shards`), before
+    every rank opens the sets checking sizes and structure (cheap)."""
     retention = retention or retention_method(cfg)
-    sources = {TARGET: open_shard_set(cfg.data.target, verify=cfg.data.verify)}
-    retained = retention.open_source(sources[TARGET])
+    if cfg.data.verify == "sha256":
+        verify_shards(read_directories(cfg, retention), rank, world_size)
+    opening = "size" if cfg.data.verify == "sha256" else cfg.data.verify
+    sources = {TARGET: open_shard_set(cfg.data.target, verify=opening)}
+    retained = retention.open_source(sources[TARGET], opening)
     if retained is not None:
         sources[RETENTION] = retained
     for source, key in ((TARGET, "data.target"), (RETENTION, retention.source_key)):

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from data.shards import ShardError
 from launch.train import main
 from tests.conftest import train_args
 
@@ -113,3 +114,27 @@ def test_existing_run_dir_is_never_touched(tiny, tmp_path, capsys):
     assert f"run directory {run} already exists" in err and "--resume" in err and "--overwrite" in err
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     assert (run / "precious.txt").read_text() == "results"
+
+
+def test_each_shard_is_hashed_by_one_rank(tiny, tmp_path, monkeypatch):
+    """data.verify=sha256 on 2 ranks: rank r hashes shards r, r + 2, ... of the target and the bank, and the rank
+    that finds the bad one names it (the ranks then agree through trainer.distributed.first_error)."""
+    import data.formats
+    from trainer import distributed
+    from trainer.setup import verify_shards
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny["target"], target)
+    shard = target / "shard-000001.tar"
+    content = bytearray(shard.read_bytes())
+    content[-1500] ^= 0xFF  # inside the last sample's data: the size and the tar headers still agree
+    shard.write_bytes(bytes(content))
+    hashed = []
+    monkeypatch.setattr(data.formats, "file_sha256", lambda path, real=data.formats.file_sha256: (
+        hashed.append(path.name), real(path))[1])  # fmt: skip
+    monkeypatch.setattr(distributed, "first_error", lambda error: error)  # one process plays both ranks
+    directories = [str(target), str(tiny["bank"])]  # 3 target shards, then 3 bank shards
+    verify_shards(directories, rank=0, world_size=2)
+    assert hashed == ["shard-000000.tar", "shard-000002.tar", "shard-000001.tar"]  # target 0, 2; bank 1
+    with pytest.raises(ShardError, match=r"target/shard-000001\.tar fails its sha256 check.*found by rank 1"):
+        verify_shards(directories, rank=1, world_size=2)

@@ -51,6 +51,7 @@ def make_dit_with_one_embedder(folder: Path, num_layers: int = 3) -> Path:
 
 def probe(out: Path, overrides: list[str]) -> None:
     import deepspeed
+    import torch.distributed as dist
 
     from trainer import distributed
     from trainer.config import gradient_accumulation_steps, load_config
@@ -79,6 +80,17 @@ def probe(out: Path, overrides: list[str]) -> None:
     tuned = family.tunable_parameters(family.denoiser)
     accumulation = gradient_accumulation_steps(cfg, world_size)
     engine, optimizer = build_engine(cfg, family.denoiser, tuned, accumulation, False, torch.device("cpu"))
+    # What a GPU step relies on: no throughput timer (it synchronises the device), overlapped ZeRO communication,
+    # the collective timeout, and the ranks agreeing on one rank's finding or reading.
+    report["throughput_timer"] = engine.tput_timer.config.enabled
+    report["overlap_comm"] = engine.zero_overlap_comm()
+    report["timeout_s"] = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    report["first_error"] = distributed.first_error("shard 7 is bad" if rank == 1 else None)
+    report["from_rank0"] = distributed.from_rank0(lambda: f"read by rank {rank}")
+    try:
+        distributed.from_rank0(lambda: {}["latest"])
+    except KeyError as err:
+        report["rank0_error"] = str(err)
     generator = torch.Generator().manual_seed(rank)
     batch = cfg.train.micro_batch_size
     x = torch.randn((batch, *family.sample_shape), generator=generator)
@@ -121,6 +133,10 @@ def test_zero3_builds_partitioned_and_trains_one_embedder(tmp_path):
         assert 0.45 < report["held"] / report["whole"] < 0.6, report
         assert report["largest_held_fraction"] <= 0.5 + 1e-9
         assert report["load_error"] == 0.0
+        assert report["throughput_timer"] is False and report["overlap_comm"] is True
+        assert report["timeout_s"] == 30 * 60  # distributed.init's default, train.collective_timeout_minutes'
+        assert report["first_error"] == "shard 7 is bad" and report["from_rank0"] == "read by rank 0"
+        assert report["rank0_error"] == "'latest'"  # rank 0's failure raised on every rank, none left waiting
     before = DiTTransformer2DModel.from_pretrained(pretrained / "transformer").state_dict()
     after = DiTTransformer2DModel.from_pretrained(tmp_path / "probe" / "export" / "transformer").state_dict()
     for key in EMBEDDER_KEYS:

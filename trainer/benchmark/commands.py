@@ -62,7 +62,7 @@ def measure(args) -> None:
     from trainer.benchmark.throughput import format_report, measure, work_dir
 
     distributed.init()
-    workdir = work_dir(args.workdir)
+    workdir = work_dir(args.workdir, load_config(args.config, args.overrides).run.dir)  # shared by the nodes
     result = measure(
         args.config, with_defaults(args, workdir), steps=args.steps, log_every=args.log_every,
         warmup_intervals=args.warmup_intervals, rounds=args.rounds, peak_override=args.peak_tflops, workdir=workdir,

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from trainer import distributed
 from trainer.benchmark.memory_plan import DIT_XL2, MemoryPlan, build_plan_model, plan_memory
 from trainer.benchmark.memory_tracker import LiveTensorMemory
-from trainer.config import Config, gradient_accumulation_steps, load_config
+from trainer.config import Config, gradient_accumulation_steps, load_config, micro_batch_size
 from trainer.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def peak_rss_bytes() -> int | None:
 def plan_for(cfg: Config, world_size: int) -> MemoryPlan:
     return plan_memory(
         build_plan_model(cfg.model.pretrained), world_size=world_size, zero_stage=cfg.train.zero_stage,
-        precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
+        precision=cfg.train.precision, micro_batch_size=micro_batch_size(cfg, world_size),
         checkpointing=cfg.train.activation_checkpointing,
     )  # fmt: skip
 

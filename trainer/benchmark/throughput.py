@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data.batch import StepLoader
 from data.sampler import slot_ids
 from trainer import distributed
-from trainer.config import Config, ConfigError, gradient_accumulation_steps, load_config
+from trainer.config import Config, ConfigError, gradient_accumulation_steps, load_config, with_micro_batch
 from trainer.loop import train
 from trainer.loss import NoiseSchedule, diffusion_loss
 from trainer.retention import RETENTION
@@ -249,9 +248,11 @@ def planner_milliseconds(cfg: Config, global_batch_size: int = 4096, repeats: in
     return statistics.median(times) * 1000
 
 
-def work_dir(requested: str | None) -> Path:
-    """Rank 0 picks (or makes) the folder; every rank gets its path (a shared file system across nodes)."""
-    chosen = [str(Path(requested or tempfile.mkdtemp(prefix="difftune-bench-")).resolve())]
+def work_dir(requested: str | None, run_dir: str = "runs") -> Path:
+    """The folder of the benchmark's runs and data: `requested`, else `<run_dir>/benchmark` (the config's run.dir),
+    on the file system the job's nodes share, where a temporary folder would be node-local. Rank 0's path goes to
+    every rank (relative paths resolve against its working directory)."""
+    chosen = [str(Path(requested or Path(run_dir) / "benchmark").resolve())]
     dist.broadcast_object_list(chosen, src=0)
     Path(chosen[0]).mkdir(parents=True, exist_ok=True)
     return Path(chosen[0])
@@ -271,6 +272,7 @@ def measure(config: str | None, overrides: list[str], *, steps: int, log_every: 
     """Runs every variant `rounds` times, alternating; returns the figures (on rank 0; other ranks get theirs)."""
     rank, world_size, device = distributed.init()
     cfg = load_config(config, [*overrides, *benchmark_overrides(workdir / "probe", steps, log_every)])
+    cfg = with_micro_batch(cfg, world_size)  # the number `auto` means on this world size, for the plain loop
     probe = PlainLoop(cfg, device, world_size)
     flops = probe.flops_per_step()
     variant_flops = {v: flops for v in VARIANTS} | {"kd": flops + probe.teacher_flops_per_step()}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from data.sampler import BANK
+from models.family import to_device
 
 if TYPE_CHECKING:
     from data.batch import MicroBatch
@@ -34,8 +35,9 @@ class Retention(Protocol):
     source_key: str  # the config key of the data set its slots read, for error messages
     loss_weight: float  # lambda: the retention slots weigh loss_weight / (global number of retention slots)
 
-    def open_source(self, target: ShardDataset) -> ShardDataset | None:
-        """The data set the retention slots read (`target` is the opened data.target), or None for no slots."""
+    def open_source(self, target: ShardDataset, verify: str) -> ShardDataset | None:
+        """The data set the retention slots read (`target` is the opened data.target), or None for no slots;
+        a data set it opens is checked as `verify` says (a data.verify mode)."""
 
     def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained: Callable[[], Any]) -> None:
         """Readies what `slot_losses` needs on the training device, in the training precision (after DeepSpeed
@@ -94,4 +96,4 @@ def check_retention(cfg: Config) -> None:
 def retention_rows(batch: MicroBatch, device: torch.device) -> torch.Tensor:
     """Positions of the micro-batch's retention slots, from the host-side ids (no read of a device tensor)."""
     rows = torch.from_numpy((batch.ids[:, 1] == RETENTION).nonzero()[0])
-    return rows.to(device, non_blocking=True)
+    return to_device(rows, device)

@@ -15,14 +15,14 @@ class BankReplay:
     source_key = "data.bank"
 
     def __init__(self, cfg):
-        self.bank, self.verify, self.ratio = cfg.data.bank, cfg.data.verify, cfg.method.bank_ratio
+        self.bank, self.ratio = cfg.data.bank, cfg.method.bank_ratio
         self.loss_weight = cfg.method.bank_loss_weight
 
     @staticmethod
     def check(cfg) -> None:
         """Nothing to check without files: whether data.bank is needed is known when the sources open."""
 
-    def open_source(self, target):
+    def open_source(self, target, verify: str):
         if self.ratio == 0:
             return None  # plain fine-tuning: no retention slots
         if not self.bank:
@@ -30,7 +30,7 @@ class BankReplay:
                 f"method.bank_ratio={self.ratio} needs a memory bank: set data.bank=/path/to/bank "
                 "(made by launch/generate_bank.py), or method.bank_ratio=0 for plain fine-tuning"
             )
-        return open_shard_set(self.bank, verify=self.verify)
+        return open_shard_set(self.bank, verify=verify)
 
     def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained) -> None:
         pass  # the bank is data: nothing to build

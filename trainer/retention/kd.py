@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.family import to_device
 from trainer.errors import ConfigError
 from trainer.retention import RETENTION
 
@@ -81,7 +82,7 @@ class Distillation:
                 "its weights once per rank, 2 bytes per parameter in bf16) or method.retention=bank"
             )
 
-    def open_source(self, target):
+    def open_source(self, target, verify: str):
         return target  # the KD slots re-use target images (their own permutation of them)
 
     def prepare(self, device: torch.device, dtype: torch.dtype, load_pretrained) -> None:
@@ -95,7 +96,7 @@ class Distillation:
         rows = np.flatnonzero(batch.ids[:, 1] == RETENTION)  # host-side ids: no device read
         if not len(rows):
             return objective
-        index = torch.from_numpy(rows).to(objective.device, non_blocking=True)
+        index = to_device(torch.from_numpy(rows), objective.device)
 
         def pick(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.index_select(0, index.to(tensor.device))
