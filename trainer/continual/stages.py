@@ -1,6 +1,6 @@
 """The stages file of a continual run (launch/continual.py): a typed schema, YAML values, `key=value` overrides.
 
-Same rules as the run config (trainer/config.py): unknown keys are errors, and every check runs before any work
+Same rules as the run config (trainer/config/): unknown keys are errors, and every check runs before any work
 with a message naming the key and the fix.
 """
 
