@@ -1,5 +1,10 @@
 """Pure image helpers for preparing target data: list an ImageFolder, check, load, crop and flip images.
 
+Every file is decoded as it is meant to be seen (`upright_8bit`): EXIF orientation applied (phone cameras store
+the sensor's pixels sideways with a tag saying how to turn them) and 16-bit greyscale scaled to 8 bits (PIL's
+convert() clips every value above 255, so a 16-bit PNG would come out nearly white). 16-bit RGB(A) PNGs are
+opened by PIL at 8 bits already (it keeps the high byte); CMYK and YCbCr JPEGs, palettes and 1-bit images go
+through PIL's own conversion to RGB (CMYK without its ICC profile: a print profile's colours come out approximate).
 Images with transparency (RGBA, LA, a palette or colour key with a transparent entry) are composited onto a
 background colour (prepare.background): a plain convert("RGB") drops the alpha channel, and every transparent
 pixel would silently take whatever colour it stores, usually black."""
@@ -13,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import ExifTags, Image, ImageColor, ImageOps
 
 # What torchvision's ImageFolder accepts; other files are listed as ignored, never silently read or dropped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 WHITE = (255, 255, 255)
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# One channel of 16-bit values (PIL's 16-bit PNG and TIFF modes; "I" is how PIL may open 16-bit greyscale too).
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Orientations 5-8 turn the image by 90 degrees: width and height swap.
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def parse_background(value: str) -> tuple[int, int, int]:
@@ -40,8 +49,34 @@ def has_transparency(image: Image.Image) -> bool:
     return image.mode in ALPHA_MODES or "transparency" in image.info
 
 
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """The image turned upright by its EXIF orientation, 16-bit greyscale scaled to 8-bit L (value / 257, rounded:
+    65535 -> 255, 257 k -> k); a 16-bit colour key becomes an alpha channel (LA). Other modes are returned as
+    they are (to_rgb converts them)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # (exif_transpose would copy every other image)
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # 32-bit float: no range to scale from
+        raise ValueError("32-bit float images have no defined value range: save them as 8- or 16-bit images")
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    grey = Image.fromarray(np.clip((values + 128) // 257, 0, 255).astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a 16-bit PNG's tRNS: pixels equal to the key are transparent
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once upright_8bit applied the EXIF orientation, read from the header only."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return image.size[::-1] if orientation in SWAPPING_ORIENTATIONS else image.size
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """The image as RGB, any transparency composited onto `background`."""
+    """The image upright as RGB (see upright_8bit), any transparency composited onto `background`."""
+    image = upright_8bit(image)
     if not has_transparency(image):
         return image.convert("RGB")
     rgba = image.convert("RGBA")
@@ -91,6 +126,7 @@ def scan_image(path: str | Path) -> tuple[str | None, bool]:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
+            image = upright_8bit(image)
             if not has_transparency(image):
                 image.convert("RGB").load()
                 return None, False
@@ -152,7 +188,8 @@ def load_images(
 
 # --- image, caption and control triples (ControlNet data) -----------------------------------------------------------
 INDEX_NAME = "index.jsonl"
-CONTROL_MODES = ("L", "RGB", "1", "P")  # 1 or 3 channels once converted (palette maps, e.g. segmentation, to RGB)
+# 1 or 3 channels once converted (palette maps, e.g. segmentation, to RGB; 16-bit maps, e.g. depth, to 8-bit L)
+CONTROL_MODES = ("L", "RGB", "1", "P", *SIXTEEN_BIT_MODES)
 
 
 @dataclass(frozen=True)
@@ -193,12 +230,12 @@ def list_caption_folder(root: str | Path) -> CaptionListing:
 def check_control(image_path: str | Path, control_path: str | Path) -> str | None:
     """None if the control map has its image's size and 1 or 3 channels, else why not (both must be readable)."""
     with Image.open(image_path) as image, Image.open(control_path) as control:
-        (w, h), (cw, ch) = image.size, control.size
+        (w, h), (cw, ch) = oriented_size(image), oriented_size(control)  # both are loaded upright
         if (cw, ch) != (w, h):
             return f"its control map is {cw}x{ch} but the image is {w}x{h}: annotate the image at its own size"
         if control.mode not in CONTROL_MODES:
             channels = len(control.getbands())
-            return f"its control map has mode {control.mode} ({channels} channels): give 8-bit L (1) or RGB (3) maps"
+            return f"its control map has mode {control.mode} ({channels} channels): give L (1) or RGB (3) maps"
     return None
 
 
@@ -219,6 +256,7 @@ def load_image_and_control(
     if control_path is None:
         return pixels, None
     with Image.open(control_path) as control:
+        control = upright_8bit(control)
         control = control.convert("RGB" if control.mode in ("P", "RGB") else "L")
         control = np.asarray(square_crop(control, size, Image.NEAREST if nearest else Image.BILINEAR))
     return pixels, control
