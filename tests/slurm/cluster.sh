@@ -12,8 +12,8 @@ command=${1:?usage: cluster.sh start|stop DIR}
 dir=$(realpath -m "${2:?usage: cluster.sh start|stop DIR}")
 
 stop() {
-  # Jobs still running are cancelled first (their slurmstepd would outlive slurmd); then slurmd, so that no node
-  # reports to a controller that is gone; munged last (every daemon needs it).
+  # Jobs still running are cancelled first (their slurmstepd would outlive slurmd); then the slurm daemons, all
+  # at once (each takes about 2 s to end); munged last (every daemon needs it).
   if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
     SLURM_CONF=$dir/slurm.conf timeout 10 scancel --user="$(id -un)" 2>/dev/null || true
     for _ in $(seq 50); do
@@ -21,14 +21,23 @@ stop() {
       sleep 0.2
     done
   fi
-  for pidfile in "$dir"/slurmd.*.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$pidfile"
+  end_daemons "$dir"/slurmd.*.pid "$dir"/slurmctld.pid
+  end_daemons "$dir"/munged.pid
+}
+
+end_daemons() {  # end_daemons <pid files>: TERM, up to 10 s to exit, then KILL
+  local pids=() pidfile pid
+  for pidfile in "$@"; do
+    if [ -f "$pidfile" ]; then pids+=("$(cat "$pidfile")"); rm -f "$pidfile"; fi
   done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 100); do
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+    [ -z "$pid" ] && return 0
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 if [ "$command" = stop ]; then stop; exit 0; fi

@@ -26,6 +26,7 @@ DEFAULT_PORT = 16817  # slurmctld; the nodes n1 and n2 listen on the next two
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Each node of a test job: one fake GPU and one CPU, so that two jobs run side by side on the two nodes.
 ONE_GPU_PER_NODE = ("--nodes=2", "--gpus-per-node=1", "--cpus-per-gpu=1")
+ONE_GPU = ("--nodes=1", "--gpus-per-node=1", "--cpus-per-gpu=1")
 
 
 def missing_requirements() -> str | None:
