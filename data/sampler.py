@@ -72,15 +72,24 @@ class NoiseLevels(Protocol):
 @dataclass(frozen=True)
 class TimestepSplit:
     """How Diff-Tuning shares the discrete timesteps of a DDPM process between the sources (METHOD.md,
-    Appendix B.2): a `NoiseLevels` over t = 0..T-1, whose training distribution is uniform."""
+    Appendix B.2): a `NoiseLevels` over t = 0..T-1, whose training distribution is uniform.
+
+    complement (the paper): psi = (t/T)^tau, xi = 1 - psi. mirrored (the released code): (t+1)^tau and
+    (T-t)^tau'. logsnr (ours, not the paper's): psi = sigmoid((center - logSNR(t)) / width), a rise toward noise
+    placed in log-SNR, where the schedule decides what a level shows, instead of in t; xi = 1 - psi.
+    `bank_max_t` (ours): no bank draws above it (xi = 0 there), so the bank does not train the noisiest steps."""
 
     num_timesteps: int = 1000
     tau: float = 1.0
-    weights: str = "complement"  # complement: psi = (t/T)^tau, xi = 1 - psi | mirrored: (t+1)^tau, (T-t)^tau'
+    weights: str = "complement"  # complement | mirrored | logsnr
     bank_tau: float = 1.0
+    log_snr: tuple[float, ...] = ()  # logSNR(t) of the schedule, t = 0..T-1: what logsnr weights are placed on
+    logsnr_center: float = -2.5
+    logsnr_width: float = 1.0
+    bank_max_t: int | None = None
 
-    def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
-        """(p_target proportional to psi, p_bank proportional to xi), each summing to 1 (or all zero)."""
+    def weights_of_t(self) -> tuple[np.ndarray, np.ndarray]:
+        """(psi, xi) at t = 0..T-1, unnormalised."""
         t = np.arange(self.num_timesteps, dtype=np.float64)
         if self.weights == "complement":
             psi = np.power(t / self.num_timesteps, self.tau)
@@ -88,9 +97,27 @@ class TimestepSplit:
         elif self.weights == "mirrored":
             psi = np.power(t + 1.0, self.tau)
             xi = np.power(self.num_timesteps - t, self.bank_tau)
+        elif self.weights == "logsnr":
+            if len(self.log_snr) != self.num_timesteps:
+                raise ValueError("logsnr timestep weights need the schedule's log-SNR at every timestep")
+            psi = 1.0 / (1.0 + np.exp((np.asarray(self.log_snr) - self.logsnr_center) / self.logsnr_width))
+            xi = 1.0 - psi
         else:
-            raise ValueError(f"unknown timestep weights {self.weights!r}: use 'complement' or 'mirrored'")
+            raise ValueError(f"unknown timestep weights {self.weights!r}: use 'complement', 'mirrored' or 'logsnr'")
+        if self.bank_max_t is not None:
+            xi = np.where(t > self.bank_max_t, 0.0, xi)
+        return psi, xi
+
+    def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        """(p_target proportional to psi, p_bank proportional to xi), each summing to 1 (or all zero)."""
+        psi, xi = self.weights_of_t()
         return _normalised(psi), _normalised(xi)
+
+    def mean_weights(self) -> tuple[float, float]:
+        """(E[psi], E[xi]) under the uniform training distribution of t: with complement weights and tau = 1 both
+        are 1/2, the paper's bank share; E[xi] is the bank share that keeps the bank's slots in step with xi."""
+        psi, xi = self.weights_of_t()
+        return float(psi.mean()), float(xi.mean())
 
     @cached_property
     def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the three variants")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense peak, if it is not in the table")
     parser.add_argument("--plan", action="store_true", help="print per-GPU memory plans; no training")
-    parser.add_argument("--model", nargs="+", default=list(PLAN_MICRO_BATCH), help="dit-xl2, sd15-controlnet, or "
-                        "a local diffusers folder")  # fmt: skip
+    parser.add_argument("--model", nargs="+", default=list(PLAN_MICRO_BATCH),
+                        help="dit-xl2, sd15-controlnet, flux-12b, sd35-large, or a local diffusers folder")  # fmt: skip
     parser.add_argument("--world_size", type=int, default=8)
     parser.add_argument("--zero", type=int, nargs="+", default=[2, 3], choices=[0, 1, 2, 3])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--micro_batch", type=int, help="default: 64 for dit-xl2, 8 otherwise")
+    parser.add_argument("--micro_batch", type=int, help="default: dit-xl2 64, flux/sd35 1, else 8")
     parser.add_argument("--checkpointing", default="both", choices=["both", "yes", "no"])
     parser.add_argument("--gpu_memory_gb", type=float, default=80.0)
     parser.add_argument("--check_plan", action="store_true", help="plan vs tracked peak, small DiT, CPU")

@@ -23,6 +23,7 @@ class FamilyEntry:
 FAMILIES: dict[str, FamilyEntry] = {
     "dit": FamilyEntry("models.dit", "DiTFamily", "ddpm", "dit"),
     "dit_edm": FamilyEntry("models.dit_edm", "DiTEDMFamily", "edm", "dit"),
+    "dit_flow": FamilyEntry("models.dit_flow", "DiTFlowFamily", "flow", "dit"),
     "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm", "sd_controlnet"),
 }
 

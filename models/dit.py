@@ -30,7 +30,7 @@ from models.dit_weights import (
 )
 from models.family import state_sha256, to_device
 from models.noise.ddpm import DDPMProcess
-from models.samplers import DDPM_SAMPLERS, ddpm_sampler
+from models.samplers import DDPM_SAMPLERS, ddpm_sampler, initial_sample, scaled_input
 from models.vae import Generators, vae_decode, vae_downsampling, vae_encode
 
 # DiTPipeline hard-codes the null class id of ImageNet DiT, so exports pad the label table up to it.
@@ -224,10 +224,10 @@ class DiTFamily:
         device = next(denoiser.parameters()).device
         if noise is None:
             noise = torch.randn((len(labels), *self.sample_shape), generator=generator)
-        x = noise.to(device) * scheduler.init_noise_sigma  # 1 for DDIM; sigma_max-scaled for EDM's schedulers
+        x = initial_sample(scheduler, noise.to(device))  # 1 for DDIM and flow; sigma_max-scaled for EDM's
         labels = labels.to(device)
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(x, t)  # x itself for DDIM; EDM's c_in x
+            x_in = scaled_input(scheduler, x, t)  # x itself for DDIM and flow; EDM's c_in x
             x = scheduler.step(self.guided_epsilon(denoiser, x_in, t, labels, guidance_scale), t, x).prev_sample
         if self.vae is not None and decode:
             return self.decode(x)

@@ -18,7 +18,7 @@ import torch
 from models.noise.ddpm import NoiseSchedule, diffusion_loss
 
 __all__ = ["NoiseSchedule", "diffusion_loss", "source_weights", "snr_loss_weights", "timestep_loss_weights"]
-LOSS_WEIGHTINGS = ("none", "min_snr", "p2")  # method.loss_weighting
+LOSS_WEIGHTINGS = ("none", "min_snr", "min_snr_released", "p2")  # method.loss_weighting
 
 
 class LossWeighting(Protocol):
@@ -42,13 +42,17 @@ def snr_loss_weights(snr: torch.Tensor, method: LossWeighting) -> torch.Tensor:
     """Per-slot weights of the regression term, a pure function of each slot's SNR (the noise process's `snr`).
 
     none: 1. min_snr: Min-SNR-gamma for epsilon prediction, min(SNR, gamma) / SNR (Hang et al., 2023), which
-    lowers the weight of the low-noise steps whose SNR exceeds gamma. p2: 1 / (k + SNR)^gamma (Choi et al.,
-    2022), which lowers it smoothly as SNR grows. float32 on snr's device: device arithmetic only, no host read.
+    lowers the weight of the low-noise steps whose SNR exceeds gamma. min_snr_released: min(gamma, SNR), the weight
+    the released Diff-Tuning code puts on its epsilon-MSE (the rebuttal's Min-SNR figures), which also takes the
+    weight of the noisiest steps toward 0. p2: 1 / (k + SNR)^gamma (Choi et al., 2022), which lowers it smoothly as
+    SNR grows. float32 on snr's device: device arithmetic only, no host read.
     """
     if method.loss_weighting == "none":
         return torch.ones(snr.shape, dtype=torch.float32, device=snr.device)
     if method.loss_weighting == "min_snr":
         return (snr.clamp(max=method.min_snr_gamma) / snr).float()
+    if method.loss_weighting == "min_snr_released":
+        return snr.clamp(max=method.min_snr_gamma).float()
     if method.loss_weighting == "p2":
         return (method.p2_k + snr).pow(-method.p2_gamma).float()
     raise ValueError(f"method.loss_weighting={method.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")

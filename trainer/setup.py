@@ -108,7 +108,7 @@ def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> Glob
         global_batch_size=cfg.train.global_batch_size, num_target=len(sources[TARGET]),
         num_bank=len(sources[RETENTION]) if RETENTION in sources else 0, bank_ratio=cfg.method.bank_ratio,
         bank_rounding=cfg.method.bank_count, label_dropout=cfg.method.label_dropout, seed=cfg.train.seed,
-        split=family.noise_process.split(cfg.method.tau, cfg.method.timestep_weights, cfg.method.bank_tau),
+        split=family.noise_process.split(cfg.method),
         retention_name=cfg.method.retention,
     )  # fmt: skip
 

@@ -3,8 +3,9 @@
 A process is owned by its family (`family.noise_process`). Its noise *levels* are what Diff-Tuning splits between
 the sources: the planner gives every slot a uniform draw, the process's `split` maps it to a level (psi for target
 slots, xi for bank slots, defined on the process's own levels), and the loop calls `add_noise`, `model_input` and
-`loss` with those levels. DDPM (discrete t, epsilon and learned variance) and EDM (continuous sigma) are the two
-processes; adding one is one module here and one entry in `NOISE_PROCESSES`: the loop does not change.
+`loss` with those levels. DDPM (discrete t, epsilon and learned variance), EDM (continuous sigma) and flow
+matching (continuous time, velocity) are the processes; adding one is one module here and one entry in
+`NOISE_PROCESSES`: the loop does not change.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from data.sampler import NoiseLevels
 from models.noise.ddpm import DDPMProcess
 from models.noise.edm import EDMProcess
+from models.noise.flow import FlowMatchingProcess
 
 
 @runtime_checkable
@@ -23,8 +25,8 @@ class NoiseProcess(Protocol):
     name: str
     continuous: bool  # levels are reals (sigma), not integer timesteps
 
-    def split(self, tau: float, weights: str, bank_tau: float) -> NoiseLevels:
-        """Diff-Tuning's psi / xi on this process's levels (method.tau, method.timestep_weights, method.bank_tau)."""
+    def split(self, method: object) -> NoiseLevels:
+        """Diff-Tuning's psi / xi on this process's levels, from the `method` config (tau, timestep_weights, ...)."""
 
     def to(self, device: torch.device | str) -> NoiseProcess:
         """Moves the process's tables to the device once, so that the step copies nothing."""
@@ -58,7 +60,7 @@ class NoiseProcess(Protocol):
         """Raises ValueError naming the config key when `method`/`noise` settings do not apply to this process."""
 
 
-NOISE_PROCESSES: dict[str, type] = {"ddpm": DDPMProcess, "edm": EDMProcess}
+NOISE_PROCESSES: dict[str, type] = {"ddpm": DDPMProcess, "edm": EDMProcess, "flow": FlowMatchingProcess}
 
 
 def noise_process_class(name: str) -> type:

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from data.sampler import TimestepSplit
-
-EDM_SETTINGS = ("p_mean", "p_std", "sigma_data")  # noise.* keys that only a continuous (EDM) process reads
+from models.noise.settings import refuse_other_settings
 
 
 class NoiseSchedule:
@@ -131,8 +130,15 @@ class DDPMProcess:
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
-    def split(self, tau: float, weights: str, bank_tau: float) -> TimestepSplit:
-        return TimestepSplit(self.num_timesteps, tau, weights, bank_tau)
+    def split(self, method: object) -> TimestepSplit:
+        """method.tau, timestep_weights, bank_tau; logsnr_center / logsnr_width (placed on this schedule's
+        log-SNR) and bank_max_t, where set."""
+        return TimestepSplit(
+            self.num_timesteps, method.tau, method.timestep_weights, method.bank_tau,
+            log_snr=tuple(self.schedule.snr.cpu().log().tolist()),
+            logsnr_center=getattr(method, "logsnr_center", -2.5), logsnr_width=getattr(method, "logsnr_width", 1.0),
+            bank_max_t=getattr(method, "bank_max_t", None),
+        )  # fmt: skip
 
     def to(self, device: torch.device | str) -> DDPMProcess:
         self.schedule.to(device)
@@ -164,11 +170,4 @@ class DDPMProcess:
 
     @classmethod
     def check_settings(cls, method: object, noise: object) -> None:
-        for key in EDM_SETTINGS:
-            value = getattr(noise, key, None)
-            if value is not None:
-                raise ValueError(
-                    f"noise.{key}={value} sets the continuous sigma distribution of an EDM process, but this family "
-                    "trains the discrete DDPM process (integer timesteps of its beta schedule): remove noise.* "
-                    "or pick a family that trains in sigma (model.family=dit_edm)"
-                )
+        refuse_other_settings(noise, "ddpm", "the discrete DDPM process (integer timesteps of its beta schedule)")

@@ -2,10 +2,8 @@
 sigma (ln sigma ~ N(P_mean, P_std^2)), and the preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x;
 c_noise) trained with the loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
 
-Diff-Tuning on continuous levels: psi(sigma) = CDF(sigma)^tau with CDF the training distribution's (tau = 1: the
-paper's psi = CDF), xi = 1 - psi. A target slot draws sigma with density p(sigma) psi(sigma), a bank slot with
-p(sigma) xi(sigma). In the variable v = CDF(sigma), uniform under p, those densities are (tau + 1) v^tau and
-(1 - v^tau) (tau + 1) / tau, whose inverse CDFs turn the slot's uniform draw into v, and v into sigma.
+Diff-Tuning on continuous levels (`models/noise/cdf_split.py`): psi(sigma) = CDF(sigma)^tau with CDF the training
+distribution's (tau = 1: the paper's psi = CDF), xi = 1 - psi.
 """
 
 from __future__ import annotations
@@ -17,50 +15,25 @@ import numpy as np
 import torch
 from scipy.special import ndtr, ndtri
 
+from models.noise.cdf_split import CDFSplit
+from models.noise.settings import refuse_other_settings, refuse_timestep_options
+
 # EDM's training settings (Table 1 of the paper, "ours")
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
-_EDGE = 2.0**-53  # keeps v inside (0, 1), where the normal quantile is finite
-_BISECTION_STEPS = 60  # halves [0, 1] down to float64 resolution
 
 
 @dataclass(frozen=True)
-class CDFSplit:
-    """`NoiseLevels` of the EDM process: psi = CDF(sigma)^tau for target slots, xi = 1 - psi for bank slots."""
+class LogNormalSigma:
+    """EDM's training distribution of sigma: ln sigma ~ N(P_mean, P_std^2)."""
 
     p_mean: float
     p_std: float
-    tau: float
 
     def cdf(self, sigma: np.ndarray) -> np.ndarray:
-        """CDF of the training sigma: Phi((ln sigma - P_mean) / P_std)."""
         return ndtr((np.log(sigma) - self.p_mean) / self.p_std)
 
-    def psi(self, sigma: np.ndarray) -> np.ndarray:
-        return self.cdf(sigma) ** self.tau
-
-    def xi(self, sigma: np.ndarray) -> np.ndarray:
-        return 1.0 - self.psi(sigma)
-
-    def total_weight(self, bank: bool) -> float:
-        """Integral of psi (or xi) over the training distribution: 1 / (tau + 1) (or tau / (tau + 1))."""
-        return self.tau / (self.tau + 1.0) if bank else 1.0 / (self.tau + 1.0)
-
-    def quantiles(self, u: np.ndarray, bank: bool) -> np.ndarray:
-        """v = CDF(sigma) of slots with uniform draws `u`, under the source's density in v."""
-        u = np.asarray(u, dtype=np.float64)
-        if not bank:
-            return u ** (1.0 / (self.tau + 1.0))  # inverse of the CDF v^(tau + 1)
-        # The bank's CDF in v, ((tau + 1) v - v^(tau + 1)) / tau, is increasing on [0, 1]: invert by bisection.
-        low, high = np.zeros_like(u), np.ones_like(u)
-        for _ in range(_BISECTION_STEPS):
-            middle = (low + high) / 2
-            below = ((self.tau + 1.0) * middle - middle ** (self.tau + 1.0)) / self.tau < u
-            low, high = np.where(below, middle, low), np.where(below, high, middle)
-        return (low + high) / 2
-
-    def levels(self, u: np.ndarray, bank: bool) -> np.ndarray:
-        v = np.clip(self.quantiles(u, bank), _EDGE, 1.0 - _EDGE)
-        return np.exp(self.p_mean + self.p_std * ndtri(v))  # float64 sigma
+    def quantile(self, v: np.ndarray) -> np.ndarray:
+        return np.exp(self.p_mean + self.p_std * ndtri(v))
 
 
 class EDMProcess:
@@ -78,8 +51,8 @@ class EDMProcess:
         given = {key: getattr(noise, key, None) for key in ("p_mean", "p_std", "sigma_data")}
         return cls(**{key: value for key, value in given.items() if value is not None})
 
-    def split(self, tau: float, weights: str, bank_tau: float) -> CDFSplit:
-        return CDFSplit(self.p_mean, self.p_std, tau)
+    def split(self, method: object) -> CDFSplit:
+        return CDFSplit(LogNormalSigma(self.p_mean, self.p_std), method.tau)
 
     def to(self, device: torch.device | str) -> EDMProcess:
         return self  # no tables: the coefficients are computed from sigma
@@ -136,10 +109,11 @@ class EDMProcess:
 
     @classmethod
     def check_settings(cls, method: object, noise: object) -> None:
+        refuse_other_settings(noise, "edm", "the EDM process (continuous sigma)")
         if getattr(method, "timestep_weights", "complement") != "complement":
             raise ValueError(
-                f"method.timestep_weights={method.timestep_weights}: the released code's mirrored weights "
-                "(t+1)^tau and (T-t)^tau' are defined on integer timesteps; on continuous sigma Diff-Tuning uses "
+                f"method.timestep_weights={method.timestep_weights}: the mirrored weights (t+1)^tau, (T-t)^tau' and "
+                "the logsnr sigmoid are defined on integer timesteps; on continuous sigma Diff-Tuning uses "
                 "psi = CDF(sigma)^tau and xi = 1 - psi: set method.timestep_weights=complement"
             )
         if getattr(method, "loss_weighting", "none") != "none":
@@ -148,6 +122,7 @@ class EDMProcess:
                 "(sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 already weights each noise level, and Min-SNR / P2 "
                 "are defined on a discrete epsilon objective: set method.loss_weighting=none"
             )
+        refuse_timestep_options(method)
         tau = getattr(method, "tau", 1.0)
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"method.tau={tau}: psi(sigma) = CDF(sigma)^tau needs tau >= 0 (the paper: 1)")

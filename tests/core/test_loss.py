@@ -97,6 +97,7 @@ def hand_snr(t: int) -> float:
     [
         (MethodConfig(loss_weighting="min_snr", min_snr_gamma=5.0), lambda snr: min(snr, 5.0) / snr),
         (MethodConfig(loss_weighting="min_snr", min_snr_gamma=1.0), lambda snr: min(snr, 1.0) / snr),
+        (MethodConfig(loss_weighting="min_snr_released", min_snr_gamma=5.0), lambda snr: min(5.0, snr)),
         (MethodConfig(loss_weighting="p2", p2_k=1.0, p2_gamma=1.0), lambda snr: 1 / (1 + snr)),
         (MethodConfig(loss_weighting="p2", p2_k=1.0, p2_gamma=0.5), lambda snr: (1 + snr) ** -0.5),
     ],
@@ -113,7 +114,12 @@ def test_min_snr_weights_at_hand_values():
     w = timestep_loss_weights(torch.tensor([0, 999]), NoiseSchedule(BETAS), MethodConfig(loss_weighting="min_snr"))
     np.testing.assert_allclose(w.numpy(), [5.0 / 9999.0, 1.0], rtol=1e-6)
     w = timestep_loss_weights(torch.tensor([0]), NoiseSchedule(BETAS), MethodConfig(loss_weighting="p2"))
-    np.testing.assert_allclose(w.numpy(), [1 / 10000.0], rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), [10000.0**-0.5], rtol=1e-6)  # gamma 0.5 by default, as the released code
+    # The released code's Min-SNR: min(gamma, SNR): 5 at t = 0, SNR(999) < 1e-4 at the noisiest step
+    w = timestep_loss_weights(
+        torch.tensor([0, 999]), NoiseSchedule(BETAS), MethodConfig(loss_weighting="min_snr_released")
+    )
+    np.testing.assert_allclose(w.numpy(), [5.0, hand_snr(999)], rtol=1e-6)
 
 
 def test_weights_scale_only_the_epsilon_mse_and_none_changes_nothing():

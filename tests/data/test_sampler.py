@@ -6,6 +6,8 @@ from scipy.stats import chisquare
 
 from data.batch import load_micro_batch
 from data.sampler import BANK, TARGET, GlobalBatchPlanner, TimestepSplit, num_bank_slots, slot_draws, slot_ids, uniform
+from models.noise.ddpm import DDPMProcess
+from trainer.config import ConfigError, MethodConfig, load_config
 
 
 def planner(global_batch_size=32, bank_ratio=0.5, num_target=100, num_bank=60, **kw):
@@ -62,6 +64,49 @@ def test_released_mirrored_weights_and_plain_finetuning():
     assert xi.sum() == 0
     with pytest.raises(ValueError, match="bank timestep distribution is zero"):
         planner(split=TimestepSplit(tau=0.0))
+
+
+def test_logsnr_weights_and_bank_truncation_equal_a_hand_computation():
+    """Our options: psi = sigmoid((center - logSNR(t)) / width) on DiT's schedule, xi = 1 - psi, and no bank draws
+    above bank_max_t; computed here by hand from the betas."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    log_snr = np.log(abar / (1 - abar))
+    method = MethodConfig(timestep_weights="logsnr", logsnr_center=-2.5, logsnr_width=0.5, bank_max_t=800)
+    split = DDPMProcess(betas).split(method)
+    psi = 1 / (1 + np.exp(-(-2.5 - log_snr) / 0.5))
+    xi = np.where(np.arange(1000) > 800, 0.0, 1 - psi)
+    p_target, p_bank = split.probabilities()
+    np.testing.assert_allclose(p_target, psi / psi.sum(), rtol=1e-9)
+    np.testing.assert_allclose(p_bank, xi / xi.sum(), rtol=1e-9)
+    assert p_bank[801:].sum() == 0 and abs(psi[500] - 0.5) < 0.05  # DiT's logSNR(500) is about -2.5
+    assert split.mean_weights() == pytest.approx((psi.mean(), xi.mean()))
+    assert TimestepSplit().mean_weights() == pytest.approx((0.4995, 0.5005))  # the paper's psi = t/T: r = 1/2
+    # Drawn as defined, and the same slots whatever the layout (invariant 1).
+    p = planner(global_batch_size=64, split=split)
+    plans = [p.plan(step) for step in range(200)]
+    t_bank = np.concatenate([pl.t[pl.source == BANK] for pl in plans])
+    assert t_bank.max() <= 800
+    bins = np.append(np.arange(0, 651, 50), 1000)  # one tail bin: xi is nearly 0 above t = 650 and 0 above 800
+    observed = np.histogram(t_bank, bins)[0]
+    assert chisquare(observed, np.add.reduceat(p_bank, bins[:-1]) * len(t_bank)).pvalue > 1e-3
+    whole = p.plan(7)
+    for slots in (np.arange(0, 64, 2), np.array([63, 5, 17])):
+        assert slot_tuples(p.plan(7, slots), range(len(slots))) == slot_tuples(whole, slots)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method.timestep_weights=logsnr", "method.logsnr_width=0"], "method.logsnr_width=0.0 must be > 0"),
+        (["method.bank_max_t=-1"], "method.bank_max_t=-1 >= 0"),
+        (["model.family=dit_edm", "method.bank_max_t=500"], "method.bank_max_t=500 truncates the bank at an integer"),
+        (["model.family=dit_flow", "method.timestep_weights=logsnr"], "logsnr: the mirrored and logsnr weights"),
+    ],
+)  # fmt: skip
+def test_bad_logsnr_and_truncation_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
 
 
 def slot_tuples(plan, slots):

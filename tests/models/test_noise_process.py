@@ -33,18 +33,22 @@ NUM_BINS = 20
 def test_every_registered_family_has_every_member_and_its_process(tiny):
     for name in FAMILIES:
         assert missing_members(family_class(name)) == [], name
-    for name in ("dit", "dit_edm"):  # instances: the runtime-checkable Protocols
+    for name in ("dit", "dit_edm", "dit_flow"):  # instances: the runtime-checkable Protocols
         family = family_class(name).from_pretrained(str(tiny["pretrained"]), num_classes=4)
         assert isinstance(family, ModelFamily) and isinstance(family.noise_process, NoiseProcess)
         assert family.noise_process.name == FAMILIES[name].noise_process
-    assert set(NOISE_PROCESSES) == {"ddpm", "edm"}
+    assert set(NOISE_PROCESSES) == {"ddpm", "edm", "flow"}
     assert {"noise_process", "predict", "export"} <= set(missing_members(object()))  # the check can fail
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model family 'convnet'; known: dit, dit_edm, sd_controlnet"):
+    with pytest.raises(
+        ValueError, match="unknown model family 'convnet'; known: dit, dit_edm, dit_flow, sd_controlnet"
+    ):
         family_class("convnet")
-    with pytest.raises(ConfigError, match=r"model.family='convnet' is not one of \('dit', 'dit_edm', 'sd_control"):
+    with pytest.raises(
+        ConfigError, match=r"model.family='convnet' is not one of \('dit', 'dit_edm', 'dit_flow', 'sd_c"
+    ):
         load_config(overrides=["model.family=convnet"])
 
 
@@ -60,7 +64,7 @@ def expected_bin_masses(weight, edges_log_sigma: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_continuous_psi_and_xi_histograms_match_their_definition(tau):
-    split = EDMProcess().split(tau, "complement", 1.0)
+    split = EDMProcess().split(MethodConfig(tau=tau))
     assert isinstance(split, NoiseLevels)
     grid = np.exp(np.linspace(-8, 4, 97))
     np.testing.assert_allclose(split.psi(grid) + split.xi(grid), 1.0, rtol=0, atol=1e-15)
@@ -89,7 +93,7 @@ def test_continuous_psi_and_xi_histograms_match_their_definition(tau):
 
 
 def test_continuous_plan_is_global_batch_invariant():
-    split = EDMProcess().split(1.0, "complement", 1.0)
+    split = EDMProcess().split(MethodConfig())
     planner = GlobalBatchPlanner(
         global_batch_size=16, num_target=40, num_bank=24, bank_ratio=0.25, split=split, label_dropout=0.1, seed=7
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trainer.config import load_config
 
-PLAN_MICRO_BATCH = {"dit-xl2": 64, "sd15-controlnet": 8}
+PLAN_MICRO_BATCH = {"dit-xl2": 64, "sd15-controlnet": 8, "flux-12b": 1, "sd35-large": 1}
 SMALL_DIT = dict(num_attention_heads=3, attention_head_dim=64, num_layers=4, in_channels=4, out_channels=8,
                  sample_size=16)  # fmt: skip
 

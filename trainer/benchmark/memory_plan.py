@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, ControlNetModel, DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -67,6 +74,21 @@ CLIP_L14_TEXT = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )  # fmt: skip
+
+# The flow-matching transformers people fine-tune today, from their public configs: FLUX.1-dev (1024 px: 128x128x16
+# latents packed 2x2 into 4096 tokens of 64, 512 T5 tokens) and SD3.5-large (1024 px: 128x128x16 latents, 77 CLIP +
+# 256 T5 tokens). Their text encoders (T5-XXL, CLIPs) are frozen: prompts are encoded once at prepare time and the
+# embeddings cached in the shards, so they are not resident while training; the VAE is (previews, the bank).
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+SD35_LARGE = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+VAE_16_CHANNELS = dict(SD15_VAE, latent_channels=16, sample_size=1024)
 
 
 @dataclass
@@ -117,11 +139,44 @@ def sd_controlnet_plan_model(unet: UNet2DConditionModel, vae_config: dict, text_
     return PlanModel(name, controlnet, [unet, vae, text_encoder], forward)
 
 
+def flow_transformer_plan_model(spec: str) -> PlanModel:
+    """FLUX.1-dev (`flux-12b`) or SD3.5-large (`sd35-large`) at 1024 px, the whole transformer trained, the 16-channel
+    VAE frozen; text embeddings come from the shards (see FLUX_DEV)."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE_16_CHANNELS)
+        if spec == "flux-12b":
+            model = FluxTransformer2DModel(**FLUX_DEV)
+        else:
+            model = SD3Transformer2DModel(**SD35_LARGE)
+
+    def forward(batch: int, dtype: torch.dtype) -> torch.Tensor:
+        def empty(*shape):
+            return torch.empty(*shape, device="meta", dtype=dtype)
+
+        t = torch.zeros(batch, device="meta", dtype=dtype)
+        if spec == "flux-12b":
+            image, text = 64 * 64, 512
+            ids = torch.zeros(image, 3, device="meta"), torch.zeros(text, 3, device="meta")
+            return model(
+                empty(batch, image, 64), encoder_hidden_states=empty(batch, text, 4096),
+                pooled_projections=empty(batch, 768), timestep=t, img_ids=ids[0], txt_ids=ids[1], guidance=t,
+            ).sample  # fmt: skip
+        return model(
+            empty(batch, 16, 128, 128), encoder_hidden_states=empty(batch, 77 + 256, 4096),
+            pooled_projections=empty(batch, 2048), timestep=t,
+        ).sample  # fmt: skip
+
+    name = "FLUX.1-dev 12B 1024px" if spec == "flux-12b" else "SD3.5-large 8B 1024px"
+    return PlanModel(name, model, [vae], forward)
+
+
 def build_plan_model(spec: str) -> PlanModel:
-    """`dit-xl2`, `sd15-controlnet`, or a local diffusers folder (a DiT transformer, a DiTPipeline, or an SD
-    pipeline folder with unet/, vae/ and text_encoder/); only config.json files are read."""
+    """`dit-xl2`, `sd15-controlnet`, `flux-12b`, `sd35-large`, or a local diffusers folder (a DiT transformer, a
+    DiTPipeline, or an SD pipeline folder with unet/, vae/ and text_encoder/); only config.json files are read."""
     if spec == "dit-xl2":
         return dit_plan_model(DIT_XL2, "DiT-XL/2 256px")
+    if spec in ("flux-12b", "sd35-large"):
+        return flow_transformer_plan_model(spec)
     if spec == "sd15-controlnet":
         with torch.device("meta"):
             unet = UNet2DConditionModel(**SD15_UNET)
@@ -143,8 +198,8 @@ def build_plan_model(spec: str) -> PlanModel:
         config = DiTTransformer2DModel.load_config(folder)
         return dit_plan_model({k: v for k, v in config.items() if not k.startswith("_")}, str(path))
     raise FileNotFoundError(
-        f"--model {spec}: not a built-in spec (dit-xl2, sd15-controlnet) nor a local diffusers folder with "
-        "config.json (a DiT transformer/ or an SD pipeline with unet/): pass one of those"
+        f"--model {spec}: not a built-in spec (dit-xl2, sd15-controlnet, flux-12b, sd35-large) nor a local diffusers "
+        "folder with config.json (a DiT transformer/ or an SD pipeline with unet/): pass one of those"
     )
 
 
@@ -152,12 +207,18 @@ class _FlashAttentionOnMeta(TorchFunctionMode):
     """Routes unmasked SDPA to the flash kernel, whose backward saves O(tokens) statistics, not the scores."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and len(args) == 3 and kwargs.get("attn_mask") is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *args, dropout_p=kwargs.get("dropout_p", 0.0), is_causal=kwargs.get("is_causal", False),
-                scale=kwargs.get("scale"),
-            )[0]  # fmt: skip
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            # positional (DiT, SD) or by keyword (diffusers' attention dispatcher: Flux, SD3)
+            qkv = list(args[:3]) + [
+                kwargs.pop(name) for name in ("query", "key", "value")[len(args[:3]) :] if name in kwargs
+            ]
+            if len(qkv) == 3 and len(args) <= 3 and kwargs.get("attn_mask") is None and not kwargs.get("enable_gqa"):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    *qkv, dropout_p=kwargs.get("dropout_p", 0.0), is_causal=kwargs.get("is_causal", False),
+                    scale=kwargs.get("scale"),
+                )[0]  # fmt: skip
+            args = tuple(qkv) + tuple(args[3:])
         return func(*args, **kwargs)
 
 

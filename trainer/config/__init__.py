@@ -89,7 +89,7 @@ CHOICES = {
     "data.verify": ("sha256", "size", "none"),
     "data.format": ("wds", "mds"),
     "method.bank_count": ("round", "floor"),
-    "method.timestep_weights": ("complement", "mirrored"),
+    "method.timestep_weights": ("complement", "mirrored", "logsnr"),
     "train.precision": ("fp32", "bf16"),
 }
 
@@ -153,6 +153,11 @@ def check_config(cfg: Config) -> None:
             "which keeps a whole fp32 copy on every rank and checks every tensor on the host each step: set "
             "train.zero_stage=1 or 2 (one GPU included), or train.precision=fp32"
         )
+    if not cfg.method.logsnr_width > 0 or (cfg.method.bank_max_t is not None and cfg.method.bank_max_t < 0):
+        raise ConfigError(
+            f"method.logsnr_width={cfg.method.logsnr_width} must be > 0 (the width of psi's rise in log-SNR) and "
+            f"method.bank_max_t={cfg.method.bank_max_t} >= 0 (the last timestep the bank is drawn at), or unset"
+        )
     if not 0.0 <= cfg.method.bank_ratio < 1.0:
         raise ConfigError(f"method.bank_ratio={cfg.method.bank_ratio} must be in [0, 1)")
     micro = cfg.train.micro_batch_size
@@ -178,6 +183,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"eval.every={cfg.eval.every}: convergence tracking is for model.family=sd_controlnet")
 
 
+# The noise settings that define the training distribution of the levels (sigma_data only preconditions).
+PLAN_NOISE_SETTINGS = ("p_mean", "p_std", "t_distribution", "logit_mean", "logit_std", "shift")
+
+
 def plan_settings(cfg: Config) -> dict:
     """The settings that define the sequence of global batches: a resume must keep them."""
     m = cfg.method
@@ -185,7 +194,9 @@ def plan_settings(cfg: Config) -> dict:
         "train.global_batch_size": cfg.train.global_batch_size, "train.seed": cfg.train.seed,
         "method.bank_ratio": m.bank_ratio, "method.bank_count": m.bank_count, "method.tau": m.tau,
         "method.timestep_weights": m.timestep_weights, "method.bank_tau": m.bank_tau,
-        "method.label_dropout": m.label_dropout, "noise.p_mean": cfg.noise.p_mean, "noise.p_std": cfg.noise.p_std,
+        "method.label_dropout": m.label_dropout, "method.logsnr_center": m.logsnr_center,
+        "method.logsnr_width": m.logsnr_width, "method.bank_max_t": m.bank_max_t,
+        **{f"noise.{key}": getattr(cfg.noise, key) for key in PLAN_NOISE_SETTINGS},
     }  # fmt: skip
 
 

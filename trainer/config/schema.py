@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DiTModelConfig:
-    """model.dit: what the DiT families (dit, dit_edm) read."""
+    """model.dit: what the DiT families (dit, dit_edm, dit_flow) read."""
 
     vae: str | None = None  # local AutoencoderKL folder (for a `.pt` DiT, or to override the folder's own)
     num_attention_heads: int = 16  # only read for an original `.pt` DiT, whose heads the weights don't record
@@ -49,12 +49,18 @@ MOVED_MODEL_KEYS = {
 
 @dataclass
 class NoiseConfig:
-    """Settings of a continuous (EDM) noise process (models/noise/edm.py); None: the model folder's, else EDM's.
-    A family that trains the discrete DDPM process refuses them."""
+    """Settings of a continuous noise process (models/noise/): None: the model folder's, else the process's own.
+    A family refuses the settings of a process it does not train."""
 
+    # EDM (model.family=dit_edm, models/noise/edm.py)
     p_mean: float | None = None  # mean of ln(sigma) of the training sigma (EDM: -1.2)
     p_std: float | None = None  # its standard deviation (EDM: 1.2)
     sigma_data: float | None = None  # standard deviation of the data, in the preconditioning (EDM: 0.5)
+    # Flow matching (model.family=dit_flow, models/noise/flow.py): the training distribution of t
+    t_distribution: str | None = None  # logit_normal (SD3, the default) | uniform
+    logit_mean: float | None = None  # logit t ~ N(logit_mean, logit_std^2) (SD3: 0, 1)
+    logit_std: float | None = None
+    shift: float | None = None  # t' = shift t / (1 + (shift - 1) t), toward noise (SD3: 3; none: 1)
 
 
 @dataclass
@@ -78,15 +84,22 @@ class MethodConfig:
     bank_loss_weight: float = 1.0  # lambda of bank replay
     kd_weight: float = 0.05  # lambda of method.retention=kd (rebuttal: 0.05)
     tau: float = 1.0  # psi(t) = (t/T)^tau (continuous: CDF(sigma)^tau); tau = 0 with bank_ratio = 0: fine-tuning
-    timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau'
+    timestep_weights: str = "complement"  # complement: xi = 1 - psi (paper) | mirrored: (t+1)^tau, (T-t)^tau' | logsnr
     bank_tau: float = 1.0  # tau' of the mirrored bank distribution
+    # Ours, not the paper's (README): timestep_weights=logsnr puts psi = sigmoid((center - logSNR(t)) / width) on the
+    # schedule's log-SNR (DiT's linear schedule: logSNR -2.5 at t ~ 500); bank_max_t: no bank draws above that t.
+    logsnr_center: float = -2.5
+    logsnr_width: float = 1.0
+    bank_max_t: int | None = None
     label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
     peft: str = "full"  # which parameters train: full | bitfit | difffit | lora (settings in the peft: section)
     # Timestep re-weighting of the epsilon-MSE on top of the split, for both sources (trainer/loss.py)
-    loss_weighting: str = "none"  # none | min_snr: min(SNR, gamma) / SNR | p2: 1 / (k + SNR)^gamma
+    # none | min_snr: min(SNR, gamma) / SNR (Min-SNR's epsilon form) | min_snr_released: min(gamma, SNR) (the
+    # released code's) | p2: 1 / (k + SNR)^gamma
+    loss_weighting: str = "none"
     min_snr_gamma: float = 5.0  # rebuttal: 1 and 5
-    p2_k: float = 1.0  # P2's paper: k = 1
-    p2_gamma: float = 1.0  # P2's paper: 0.5 or 1
+    p2_k: float = 1.0  # P2's paper and the released code: k = 1
+    p2_gamma: float = 0.5  # the released code's (P2's paper: 0.5 or 1)
 
 
 @dataclass
@@ -189,7 +202,7 @@ class EvalConfig:
     out: str = ""  # results, sample shards and plots; a rerun with the same settings redoes only what is missing
     num_samples: int = 10000  # FID-10K (paper)
     num_classes: int = 0  # classes sampled in turn; 0: the reference's classes, else the model's label space
-    sampler: str = ""  # "": the family's own (DDIM; dit_edm: euler) | ddim | dpm++ (DPM-Solver++) | euler (EDM)
+    sampler: str = ""  # "": the family's own (DDIM; dit_edm, dit_flow: euler) | ddim | dpm++ (DPM-Solver++) | euler
     sample_steps: int = 50  # paper: DDIM-50
     cfg_scale: float = 1.5  # classifier-free guidance of the samples (paper: 1.5)
     samples_per_shard: int = 1000

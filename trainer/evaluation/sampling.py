@@ -20,6 +20,7 @@ from data.shard_jobs import (
 )
 from models import family_class
 from models.family import state_sha256
+from models.samplers import initial_sample, scaled_input
 from trainer.config import Config
 from trainer.evaluation.data import ConditionSet
 from trainer.jobs.shard_job import ShardJob
@@ -107,9 +108,9 @@ def sample_images(
     device = next(chain[0][0].module.parameters()).device
     conditions = [model.condition({k: v.to(device) for k, v in fields.items()}) for model, _ in chain]
     condition_of = {id(model): condition for (model, _), condition in zip(chain, conditions, strict=True)}
-    x = noise.to(device) * scheduler.init_noise_sigma
+    x = initial_sample(scheduler, noise.to(device))
     for model, t in zip(owners, scheduler.timesteps, strict=True):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scaled_input(scheduler, x, t)
         eps = model.family.guided_epsilon(model.module, x_in, t, condition_of[id(model)], guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
     pixels = chain[-1][0].family.decode(x)
