@@ -4,9 +4,9 @@ JSON; a failing check is a row, not a crash; the test device that tests/conftest
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
+import torch
 
 from tests.conftest import assert_ok, requested_test_device, run_entry
 from trainer.benchmark.gpu_check import CHECKS, FAIL, OK, SKIP, Check, Context, pytest_counts, run_one
@@ -22,7 +22,7 @@ def test_dry_run_plans_every_check_and_runs_the_cheap_ones(tmp_path):
     rows = {row["check"]: row for row in report["rows"]}
     assert list(rows) == [check.name for check in CHECKS]
     cheap = {check.name for check in CHECKS if check.dry}
-    assert cheap == {"environment", "kd_retention"}
+    assert cheap == {"environment"}  # a training run in the dry mode would cost the suite a minute
     assert {name for name, row in rows.items() if row["status"] == OK} == cheap
     for check in CHECKS:
         row = rows[check.name]
@@ -34,9 +34,8 @@ def test_dry_run_plans_every_check_and_runs_the_cheap_ones(tmp_path):
         assert f"  {check.name}: {row['figures']['plan']}" in proc.stdout  # its command, whole
     assert "launch/train.py --config tiny_cpu" in rows["zero2_bf16_resume"]["figures"]["plan"]
     assert "pytest" in rows["pytest_cuda"]["figures"]["plan"]
-    kd = rows["kd_retention"]["figures"]["loss_kd"]
-    assert len(kd) == 4 and all(math.isfinite(v) for v in kd) and all(v > 0 for v in kd[1:])
     assert rows["environment"]["figures"]["device"].startswith("cpu")
+    assert rows["environment"]["figures"]["torch"] == torch.__version__
 
 
 def test_a_check_that_raises_or_is_out_of_time_is_a_row(tmp_path):
