@@ -23,7 +23,7 @@ from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics
 from tests.core.test_robustness import assert_identical_runs
 from tests.slurm.conftest import ENDED, ONE_GPU, Cluster, Job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster for all
 STEPS = 80  # tiny steps take ~25 ms: a signal at step 3 lands well inside training
 
 
@@ -94,14 +94,15 @@ def train_overrides(tiny: dict, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def preempted_training(slurm, tiny, tmp_path_factory) -> dict:
-    """train.sbatch on 2 nodes under both launchers at once, each with 2 decoding workers per rank, preempted by
+    """train.sbatch on 2 nodes under both launchers at once, with decoding workers (2 per rank under srun, 1 under
+    the deepspeed launcher), preempted by
     `scancel --signal=USR1` once training runs; the uninterrupted reference (no workers) runs beside them."""
     root = tmp_path_factory.mktemp("slurm_train")
     reference = start_local("train.py", ["--config", "tiny_cpu", *train_overrides(tiny, root / "reference")], 2)
     jobs = {}
-    for launcher in ("srun", "deepspeed"):
+    for launcher, workers in (("srun", 2), ("deepspeed", 1)):  # each worker imports torch: one is enough there
         run = root / launcher / "run"
-        job = slurm.submit("train.sbatch", train_overrides(tiny, run, "data.num_workers=2"), root / launcher,
+        job = slurm.submit("train.sbatch", train_overrides(tiny, run, f"data.num_workers={workers}"), root / launcher,
                            CONFIG="tiny_cpu", LAUNCHER=launcher)  # fmt: skip
         jobs[launcher] = (job, run)
     preempt_when_logged(slurm, [(job, run / "metrics.jsonl") for job, run in jobs.values()], step=3)
