@@ -6,14 +6,12 @@ saves), 1 rank again (loading the 2-rank saves)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_ok, child_env, free_port
+from tests.conftest import ROOT, assert_ok, run_script
 from trainer.ema import ShardedEMA, read_saved
 
 pytestmark = pytest.mark.slow
@@ -22,14 +20,8 @@ SHARDED = ["z1", "z2", "z3", "z2bf16", "z3bf16"]
 
 
 def launch(num_procs: int, out: Path, tag: str, *args: str) -> dict:
-    script = str(ROOT / "tests" / "core" / "ema_worker.py")
-    if num_procs == 1:
-        command = [sys.executable, script]
-    else:
-        launcher = str(Path(sys.executable).parent / "deepspeed")
-        command = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), script]
-    command += ["--out", str(out), "--tag", tag, *args]
-    assert_ok(subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=900))
+    args = ["--out", str(out), "--tag", tag, *args]
+    assert_ok(run_script(ROOT / "tests" / "core" / "ema_worker.py", args, num_procs, timeout=900))
     return json.loads((out / f"{tag}.json").read_text())
 
 

@@ -9,7 +9,6 @@ one DeepSpeed step and exports the result.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -22,11 +21,10 @@ from diffusers import DiTTransformer2DModel
 from tests.conftest import (
     ROOT,
     assert_ok,
-    child_env,
     copy_as_stopped_after,
-    free_port,
     read_metrics,
     run_entry,
+    run_script,
     train_args,
 )
 from tests.core.test_train_distributed import exported
@@ -111,10 +109,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def launch(out: Path, *overrides: str) -> list[dict]:
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    command = [*launcher, str(Path(__file__).resolve()), str(out), *overrides]
-    proc = subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert_ok(proc)
+    assert_ok(run_script(Path(__file__).resolve(), [str(out), *overrides], num_procs=2))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

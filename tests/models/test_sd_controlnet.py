@@ -4,9 +4,6 @@ DeepSpeed on 2 CPU ranks (global-batch invariance, frozen parts untouched, check
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from PIL import Image
 from launch.train import main
 from models.annotators import canny
 from models.sd_controlnet import DEFAULT_PROMPT, SDControlNetFamily
-from tests.conftest import ROOT, assert_ok, child_env, copy_as_stopped_after, free_port, read_metrics, run_entry
+from tests.conftest import ROOT, assert_ok, copy_as_stopped_after, read_metrics, run_entry, run_script
 from tests.tiny_sd import fingerprint, make_tiny_sd, no_leaked_shm, sd_train_args, shape_image, tiny_sd  # noqa: F401
 from trainer.ema import read_saved
 
@@ -160,11 +157,8 @@ def test_global_batch_invariance(tiny_sd, tmp_path, sd_one_rank, zero_stage):  #
 
 def probe(tiny, out, run_dir, *overrides, resume=False):
     """launch/train.py on 2 ranks through tests/tiny_sd.py's probe, which records the frozen parts on every rank."""
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    args = [*sd_train_args(tiny, run_dir, *overrides), *(["--resume"] if resume else [])]
-    command = [*launcher, str(ROOT / "tests" / "tiny_sd.py"), str(out), *args]
-    proc = subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert_ok(proc)
+    args = [str(out), *sd_train_args(tiny, run_dir, *overrides), *(["--resume"] if resume else [])]
+    assert_ok(run_script(ROOT / "tests" / "tiny_sd.py", args, num_procs=2))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
