@@ -23,8 +23,8 @@ def run(num_procs: int, args: argparse.Namespace, pretrained: Path, bank: Path) 
     script = str(ROOT / "launch" / "generate_bank.py")
     launcher = [sys.executable, script]
     if num_procs > 1:
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        launcher = [torchrun, "--standalone", f"--nproc_per_node={num_procs}", script]
+        torchrun = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter: its build of DeepSpeed's ops
+        launcher = [*torchrun, "--standalone", f"--nproc_per_node={num_procs}", script]
     overrides = [f"model.pretrained={pretrained}", f"data.bank={bank}", "bank.preview=0", f"bank.seed={args.seed}"]
     overrides += [f"bank.{key}={getattr(args, key)}" for key in ("num_samples", "batch_size", "num_steps")]
     overrides.append(f"bank.samples_per_shard={args.samples_per_shard}")

@@ -21,6 +21,7 @@ from tests.conftest import (
     child_env,
     copy_as_stopped_after,
     free_port,
+    launch_command,
     read_metrics,
     run_entry,
     train_args,
@@ -59,10 +60,11 @@ def assert_identical_runs(a: Path, b: Path, rtol: float = 1e-6) -> None:
 
 
 def start(args: list[str], num_procs: int = 2) -> subprocess.Popen:
-    env = child_env()
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    command = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), "launch/train.py", *args]
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The deepspeed launcher, whose exit status reports the ranks' (75 for a preempted run)."""
+    command = [*launch_command("deepspeed", num_procs), "launch/train.py", *args]
+    return subprocess.Popen(
+        command, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def training_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
@@ -153,12 +155,12 @@ def test_two_nodes_started_like_slurm(tiny, tmp_path):
     common = ("train.steps=4", "train.zero_stage=2")
     assert_ok(run_entry("train.py", train_args(tiny, single, *common), num_procs=2))
     port = free_port()
-    torchrun = str(Path(sys.executable).parent / "torchrun")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
     env = child_env()
     procs = [
         subprocess.Popen(
             [
-                torchrun,
+                *torchrun,
                 "--nnodes",
                 "2",
                 "--nproc_per_node",

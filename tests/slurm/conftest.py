@@ -68,7 +68,8 @@ class Cluster:
         # would shadow the system's, and DeepSpeed's compiled ops would be rebuilt by every job and every test).
         self.bin = directory / "bin"
         self.bin.mkdir(exist_ok=True)
-        for name, target in (("python", sys.executable), ("deepspeed", Path(sys.executable).parent / "deepspeed")):
+        deepspeed = f"{sys.executable} -m deepspeed.launcher.runner"
+        for name, target in (("python", sys.executable), ("deepspeed", deepspeed)):
             (self.bin / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')  # a symlink would leave the venv
             (self.bin / name).chmod(0o755)
 

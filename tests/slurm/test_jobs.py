@@ -19,7 +19,7 @@ import pytest
 
 from data.shard_jobs import JOB_NAME, is_complete, shard_ranges
 from data.shards import MANIFEST_NAME, shard_name
-from tests.conftest import ROOT, assert_ok, child_env, free_port, read_metrics
+from tests.conftest import ROOT, assert_ok, child_env, launch_command, read_metrics
 from tests.core.test_robustness import assert_identical_runs
 from tests.slurm.conftest import ENDED, ONE_GPU, Cluster, Job
 
@@ -28,13 +28,9 @@ STEPS = 80  # tiny steps take ~25 ms: a signal at step 3 lands well inside train
 
 
 def start_local(script: str, args: list[str], num_procs: int = 1) -> subprocess.Popen:
-    """An uninterrupted reference, started outside SLURM (deepspeed on the CPU), running beside the jobs."""
-    if num_procs == 1:
-        command = [sys.executable, f"launch/{script}"]
-    else:
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        command = [deepspeed, "--num_gpus", str(num_procs), "--master_port", str(free_port()), f"launch/{script}"]
-    return subprocess.Popen(command + args, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    """An uninterrupted reference, started outside SLURM (torchrun on the CPU), running beside the jobs."""
+    command = [sys.executable] if num_procs == 1 else launch_command("torchrun", num_procs)
+    return subprocess.Popen([*command, f"launch/{script}", *args], env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 

@@ -142,14 +142,14 @@ def tracked_ranks(pretrained: Path, root: Path, *, num_ranks: int, steps: int, z
         # One reader thread: each decoding worker process would add its own interpreter and torch to the RSS.
         "data.num_workers=0",
     ]  # fmt: skip
-    launcher = str(Path(sys.executable).parent / "deepspeed")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]  # this interpreter: its build of the ops
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            # glibc raises its mmap threshold as large blocks are freed, then keeps ZeRO-3's freed gathered
            # parameters in its heaps (+0.5 GB RSS per rank on a 4-block XL/2); a fixed threshold returns them.
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}  # fmt: skip
     # A free port: DeepSpeed names its CPU all-reduce shared memory after it, and another job on the default port
     # would share (or hold) that name.
-    command = [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+    command = [*launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
                str(ROOT / "launch" / "benchmark.py"), "--track_train", "--config", "dit_xl2_paper",
                *overrides]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
