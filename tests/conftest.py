@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
@@ -148,6 +151,16 @@ def run_script(
             proc.communicate()
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`launch/<script>`'s main in this process, one rank, its stdout and stderr captured: for what a job refuses
+    (a named input, exit status 2), which needs no process of its own (starting one costs ~8 s of imports)."""
+    main = importlib.import_module(f"launch.{script.removesuffix('.py')}").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(args)
+    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())
 
 
 def launch_command(launcher: str, num_procs: int) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from tests.conftest import assert_ok, run_entry
+from tests.conftest import assert_ok, run_entry, run_here
 from tests.tiny import make_tiny_dit
 from tests.tiny_sd import tiny_sd  # noqa: F401 (a session fixture)
 from trainer.benchmark.memory_check import tracked_ranks
@@ -142,7 +142,7 @@ def test_plan_checkpoints_what_the_trainer_checkpoints(tiny_sd):  # noqa: F811
 
 
 def test_plan_of_a_missing_model_names_the_flag(tmp_path):
-    proc = run_entry("benchmark.py", ["--plan", "--model", str(tmp_path / "nowhere")])
+    proc = run_here("benchmark.py", ["--plan", "--model", str(tmp_path / "nowhere")])
     assert proc.returncode == 2
     assert "--model" in proc.stderr and "dit-xl2" in proc.stderr
 

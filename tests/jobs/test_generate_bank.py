@@ -24,7 +24,7 @@ from data.shard_jobs import (
     write_owned_shard,
 )
 from data.shards import MANIFEST_NAME, ShardDataset, ShardError, shard_name
-from tests.conftest import ROOT, assert_ok, child_env, read_metrics, run_entry, train_args
+from tests.conftest import ROOT, assert_ok, child_env, read_metrics, run_entry, run_here, train_args
 
 # 11 shards of 3 (the last of 2) in batches of 2: batches are cut inside shards, and 40 DDIM steps make
 # the run slow enough (~1 s on one CPU thread) to be killed between two shards.
@@ -206,7 +206,7 @@ def test_rerun_with_other_settings_is_refused(reference, tiny, tmp_path):
     directory = tmp_path / "bank"
     shutil.copytree(reference, directory)
     before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
-    proc = run_bank(tiny, directory, "bank.num_steps=5")
+    proc = run_here("generate_bank.py", bank_args(tiny, directory, "bank.num_steps=5"))
     assert proc.returncode == 2, proc.stderr
     assert f"data.bank={directory} was written by a job with other settings (num_steps: 40 -> 5)" in proc.stderr
     assert "pick a new folder" in proc.stderr
@@ -232,7 +232,7 @@ def test_training_refuses_an_inconsistent_bank(reference, tiny, tmp_path, damage
         with open(bank / shard_name(3), "r+b") as file:
             file.truncate(2048)
         named = str(bank / shard_name(3))
-    proc = run_entry("train.py", train_args(tiny, tmp_path / "run", f"data.bank={bank}"))
+    proc = run_here("train.py", train_args(tiny, tmp_path / "run", f"data.bank={bank}"))
     assert proc.returncode == 2, proc.stderr
     assert named in proc.stderr
     assert not (tmp_path / "run").exists()

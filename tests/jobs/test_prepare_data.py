@@ -16,7 +16,7 @@ from data.images import center_crop_arr, check_image, hflip, list_image_folder, 
 from data.shard_jobs import derived_seed
 from data.shards import MANIFEST_NAME, ShardDataset, shard_name
 from models.dit import DiTFamily
-from tests.conftest import assert_ok, run_entry
+from tests.conftest import assert_ok, run_entry, run_here
 from tests.tiny import make_tiny_dit
 from trainer.config import ConfigError, load_config
 from trainer.jobs.prepare import check_resolution
@@ -177,7 +177,7 @@ slow = pytest.mark.slow  # real processes
 @slow
 def test_empty_class_stops_the_job(models, tmp_path):
     root = make_image_folder(tmp_path / "images", empty_class=True)
-    proc = run_prepare(prepare_args(models["pixel"], root, tmp_path / "out"))
+    proc = run_here("prepare_data.py", prepare_args(models["pixel"], root, tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr
     assert f"class folder {root / 'empty_class'} holds no images" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from data.images import load_image_and_control
 from data.shards import MANIFEST_NAME, ShardDataset, shard_name
 from models.annotators import annotate_batch, canny, to_uint8
 from models.sd_controlnet import SDControlNetFamily
-from tests.conftest import assert_ok, read_metrics, run_entry
+from tests.conftest import assert_ok, read_metrics, run_entry, run_here
 from tests.tiny_sd import make_caption_folder, no_leaked_shm, shape_image, tiny_sd  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_shm")]  # real processes
@@ -96,7 +96,7 @@ def test_bad_controls_are_named_before_any_work(captions, tiny_sd, tmp_path, pro
         overrides = ["prepare.hflip=true"]
     else:
         overrides = ["model.sd_controlnet.control=depth"]
-    proc = run_entry("prepare_data.py", prepare_args(tiny_sd, root, tmp_path / "out", *overrides))
+    proc = run_here("prepare_data.py", prepare_args(tiny_sd, root, tmp_path / "out", *overrides))
     assert proc.returncode == 2, proc.stderr
     expected = {
         "size": "sample given3.png (1 misfit in all): its control map is 60x64 but the image is 64x64",

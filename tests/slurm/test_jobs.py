@@ -20,7 +20,7 @@ import pytest
 from data.shard_jobs import JOB_NAME, is_complete, shard_ranges
 from data.shards import MANIFEST_NAME, shard_name
 from tests.conftest import ROOT, assert_ok, child_env, launch_command, read_metrics
-from tests.core.test_robustness import assert_identical_runs
+from tests.core.test_train_distributed import assert_identical_runs
 from tests.slurm.conftest import ENDED, ONE_GPU, Cluster, Job
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster for all
