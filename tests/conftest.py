@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,16 +104,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_entry(
-    script: str,
-    args: list[str],
-    num_procs: int = 1,
-    timeout: float = 600,
-    env: Mapping[str, str] | None = None,
-    launcher: str = "torchrun",
-) -> subprocess.CompletedProcess:
-    """Runs `launch/<script>` as users do (see run_script)."""
-    return run_script(ROOT / "launch" / script, args, num_procs, timeout, env, launcher)
+def run_entry(script: str, args: list[str], **options: Any) -> subprocess.CompletedProcess:
+    """Runs `launch/<script>` as users do (run_script's options: num_procs, timeout, env, launcher)."""
+    return run_script(ROOT / "launch" / script, args, **options)
 
 
 def run_script(
