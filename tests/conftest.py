@@ -104,9 +104,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_entry(script: str, args: list[str], **options: Any) -> subprocess.CompletedProcess:
-    """Runs `launch/<script>` as users do (run_script's options: num_procs, timeout, env, launcher)."""
-    return run_script(ROOT / "launch" / script, args, **options)
+def run_entry(script: str, args: list[str], num_procs: int = 1, **options: Any) -> subprocess.CompletedProcess:
+    """Runs `launch/<script>` as users do (run_script's other options: timeout, env, launcher)."""
+    return run_script(ROOT / "launch" / script, args, num_procs, **options)
 
 
 def run_script(
