@@ -43,6 +43,7 @@ ORIGINAL_FREQUENCIES_KEY = "original_timestep_frequencies"
 
 class DiTFamily:
     name = "dit"
+    data_kind = "labels"  # how its data is prepared and its bank generated (trainer/jobs/kinds/)
 
     def __init__(
         self,

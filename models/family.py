@@ -20,6 +20,7 @@ from models.noise import NoiseProcess
 @runtime_checkable
 class ModelFamily(Protocol):
     name: str
+    data_kind: str  # a key of trainer.jobs.kinds.DATA_KINDS: how its data is prepared and its bank generated
     condition_fields: tuple[str, ...]  # the shard fields `condition` reads
 
     @classmethod

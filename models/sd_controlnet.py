@@ -44,6 +44,7 @@ class ControlCondition:
 
 class SDControlNetFamily:
     name = "sd_controlnet"
+    data_kind = "controlnet"  # how its data is prepared and its bank generated (trainer/jobs/kinds/)
     condition_fields = ("tokens", "control")  # the shard fields `condition` reads
 
     def __init__(

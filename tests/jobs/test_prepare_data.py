@@ -19,7 +19,7 @@ from models.dit import DiTFamily
 from tests.conftest import assert_ok, run_entry, run_here
 from tests.tiny import make_tiny_dit
 from trainer.config import ConfigError, load_config
-from trainer.jobs.prepare import check_resolution
+from trainer.jobs.kinds.shared import check_resolution
 
 CLASSES = {"cat": 4, "dog": 3}  # readable images per class
 BAD = ["dog/random_bytes.jpg", "dog/random_bytes.png", "dog/truncated.jpg"]  # in listing order
@@ -259,3 +259,18 @@ def test_transparent_images_are_composited_and_counted(models, tmp_path):
             np.testing.assert_array_equal(pixels[:, 4:], np.broadcast_to(TRANSPARENT[name], (8, 4, 3)), err_msg=name)
         else:  # opaque: the stored colours, red included
             np.testing.assert_array_equal(pixels[:, :4], np.broadcast_to((255, 0, 0), (8, 4, 3)), err_msg=name)
+
+
+def test_every_family_names_a_data_kind_the_jobs_know():
+    """The prepare and bank jobs reach a family's data only through its data kind: every registered family names
+    one, every kind has both jobs' halves, and an unknown kind is refused by name."""
+    from models import FAMILIES, family_class
+    from trainer.jobs.kinds import DATA_KINDS, data_kind
+
+    kinds = {name: family_class(name).data_kind for name in FAMILIES}
+    assert kinds == {"dit": "labels", "dit_edm": "labels", "dit_flow": "labels", "sd_controlnet": "controlnet"}
+    for name in DATA_KINDS:
+        kind = data_kind(name)
+        assert kind.name == name and callable(kind.prepare) and callable(kind.bank_recipe)
+    with pytest.raises(ValueError, match=r"unknown data kind 'captions' \(a family's data_kind\); known: labels, co"):
+        data_kind("captions")

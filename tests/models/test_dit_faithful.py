@@ -14,7 +14,8 @@ from models.dit import DiTFamily
 from tests.core.test_zero_init import EMBEDDER_KEYS, make_dit_with_one_embedder
 from tests.models.test_dit_convert import TINY, OriginalDiT
 from trainer.config import BankConfig
-from trainer.jobs.bank import bank_samples, sample_start
+from trainer.jobs.kinds.labels import bank_samples
+from trainer.jobs.kinds.shared import sample_start
 
 
 @pytest.fixture(scope="module")

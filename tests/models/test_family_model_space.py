@@ -20,7 +20,7 @@ from tests.conftest import assert_ok, run_entry
 from tests.jobs.test_prepare_data import make_image_folder, prepare_args
 from tests.tiny import TINY_DIT, make_tiny_dit
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, make_tiny_sd
-from trainer.jobs.prepare import REPORT_NAME, check_resolution
+from trainer.jobs.kinds.shared import REPORT_NAME, check_resolution
 
 
 @pytest.fixture(scope="module")

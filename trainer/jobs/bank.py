@@ -10,7 +10,6 @@ ones; rank 0 writes the manifest once every shard is complete.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,14 @@ from PIL import Image
 
 from data.files import atomic_write_bytes
 from data.formats import open_shard_set
-from models.annotators import annotate_batch, annotator_for, to_uint8
-from models.family import state_sha256
 from trainer import distributed
 from trainer.config import BankConfig, Config, ConfigError
+from trainer.jobs.kinds import BankRecipe, data_kind
 from trainer.jobs.shard_job import ShardJob, shard_job_settings
 from trainer.metrics import image_grid
 from trainer.setup import load_family
 
-BANK_FIELDS = {"x": "npy", "label": "cls", "meta": "json"}
-CONTROLNET_BANK_FIELDS = {"x": "npy", "tokens": "npy", "control": "png", "meta": "json"}
-GENERATOR_VERSION = 2  # bump when the recipe below changes, so that old banks are not extended with new samples
+GENERATOR_VERSION = 2  # bump when a data kind's bank recipe changes: old banks are then not extended
 
 
 def check_bank_config(bank: BankConfig) -> None:
@@ -40,83 +36,9 @@ def check_bank_config(bank: BankConfig) -> None:
         raise ConfigError(f"bank.preview={bank.preview} and bank.seed={bank.seed} must be >= 0 (preview 0: no grid)")
 
 
-def sample_start(seed: int, index: int, num_classes: int, shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
-    """Class (uniform over the pre-trained label space) and initial noise of bank sample `index`."""
-    rng = np.random.default_rng([seed, index])
-    label = int(rng.integers(num_classes))
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(rng.integers(2**63))))
-    return label, noise
-
-
-def bank_samples(
-    family, denoiser: torch.nn.Module, indices: range, bank: BankConfig, on_batch: Callable[[int], None]
-) -> Iterator[dict]:
-    """The samples of one shard, in batches of bank.batch_size aligned to the shard's first index."""
-    num_classes = family.null_condition  # the pre-trained label space: the bank is loaded with num_classes=0
-    for first in range(indices.start, indices.stop, bank.batch_size):
-        batch = range(first, min(first + bank.batch_size, indices.stop))
-        starts = [sample_start(bank.seed, i, num_classes, family.sample_shape) for i in batch]
-        labels = torch.tensor([label for label, _ in starts], dtype=torch.long)
-        noise = torch.stack([n for _, n in starts])
-        # The latent itself (or, in pixel space, the sample): decoding to PNG and re-encoding would add
-        # quantisation and a second VAE pass to what the trainer reads.
-        x = family.sample(
-            denoiser, labels, num_steps=bank.num_steps, guidance_scale=bank.guidance_scale, noise=noise, decode=False
-        )
-        x = x.float().cpu().numpy()
-        on_batch(len(batch))
-        for position, i in enumerate(batch):
-            label = int(labels[position])
-            yield {"x": x[position], "label": label, "meta": {"index": i, "seed": bank.seed, "class": label}}
-
-
-def controlnet_bank_samples(
-    family, annotate, prompts: list[str], indices: range, bank: BankConfig, on_batch: Callable[[int], None]
-) -> Iterator[dict]:
-    """Stable Diffusion's own samples (no ControlNet: the pre-trained model generates freely), each with the control
-    annotated from its decoded image and the default prompt's tokens, the null condition bank slots train with."""
-    null_tokens = family.null_tokens.numpy().astype(np.int32)
-    for first in range(indices.start, indices.stop, bank.batch_size):
-        batch = range(first, min(first + bank.batch_size, indices.stop))
-        starts = [sample_start(bank.seed, i, len(prompts), family.sample_shape) for i in batch]
-        tokens = family.tokenize([prompts[k] for k, _ in starts])
-        noise = torch.stack([n for _, n in starts])
-        x = family.sample(
-            None, tokens, num_steps=bank.num_steps, guidance_scale=bank.guidance_scale, noise=noise, decode=False
-        )
-        controls = annotate_batch(annotate, to_uint8(family.decode(x)))
-        x = x.float().cpu().numpy()
-        on_batch(len(batch))
-        for position, i in enumerate(batch):
-            meta = {"index": i, "seed": bank.seed, "prompt": prompts[starts[position][0]]}
-            yield {"x": x[position], "tokens": null_tokens, "control": controls[position], "meta": meta}
-
-
-def bank_recipe(cfg: Config, family, device: torch.device) -> tuple[dict, dict, Callable]:
+def bank_recipe(cfg: Config, family, device: torch.device) -> BankRecipe:
     """(fields, the settings that decide the samples' bytes, samples(indices, on_batch)) of the family's bank."""
-    bank, m = cfg.bank, cfg.model.sd_controlnet
-    if cfg.model.family != "sd_controlnet":
-        denoiser = family.denoiser.to(device).eval()
-        settings = {
-            "weights_sha256": state_sha256(family.denoiser), "num_classes": family.null_condition,
-            "clip_sample": family.sampling_scheduler().config.get("clip_sample"),  # EDM's sampler has no x0 clip
-            "original_timestep_frequencies": family.original_timestep_frequencies,
-        }  # fmt: skip
-        return BANK_FIELDS, settings, lambda indices, on_batch: bank_samples(family, denoiser, indices, bank, on_batch)
-    annotate = annotator_for(m.control, m.annotator, tuple(m.canny_thresholds))
-    if annotate is None:
-        raise ConfigError(
-            f"model.sd_controlnet.control={m.control}: the bank's controls are annotated from its generated images and "
-            f"{m.control} has no built-in annotator: set model.sd_controlnet.annotator=path/to/module.py[:function]"
-        )
-    family.place_frozen(device)
-    prompts = list(bank.prompts) or [m.default_prompt]
-    settings = {
-        "weights_sha256": family.frozen_fingerprint(), "control": m.control, "annotator": m.annotator,
-        "canny_thresholds": list(m.canny_thresholds), "prompts": prompts, "null_tokens": family.null_tokens.tolist(),
-    }  # fmt: skip
-    samples = lambda indices, on_batch: controlnet_bank_samples(family, annotate, prompts, indices, bank, on_batch)  # noqa: E731
-    return CONTROLNET_BANK_FIELDS, settings, samples
+    return data_kind(family.data_kind).bank_recipe(cfg, family, device)
 
 
 def generate_bank(cfg: Config) -> Path:
