@@ -24,7 +24,6 @@ so a rerun gives close, not bit-identical, weights.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import shutil
@@ -34,17 +33,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
-from diffusers.models.embeddings import LabelEmbedding
-from PIL import Image
 
 from data import procedural
 from models.dit import DiTFamily
 from models.feature_net import FeatureNet, frechet_distance, nhwc_to_nchw, save_feature_net
-from trainer.loss import NoiseSchedule, diffusion_loss
+from trainer.experiments.shipped_models import (
+    Draw,
+    SourceRecipe,
+    sample_images,
+    save_grid,
+    save_source_model,
+    source_family,
+    train_source_model,
+)
 
 IMAGE_SIZE = 16
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 SOURCE_DIT = dict(
     num_attention_heads=4,
     attention_head_dim=24,
@@ -88,9 +91,9 @@ def main() -> None:
     save_feature_net(net, tmp / "feature_net.pt")
 
     checkpoint = tmp / "source_checkpoint.pt"
-    model, seconds = train_source_model(
-        args.seed, args.steps, args.batch_size, args.lr, progress_grids(args.progress_dir), checkpoint
-    )
+    recipe = SourceRecipe(SOURCE_DIT, args.seed, args.steps, args.batch_size, args.lr)
+    draw = source_draw(args.batch_size)
+    model, seconds = train_source_model(recipe, draw, progress_grids(args.progress_dir), checkpoint)
     info["source_model"] = {
         "config": SOURCE_DIT,
         "steps": args.steps,
@@ -99,10 +102,8 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    model.save_pretrained(tmp / "source_model" / "transformer")
-    DDPMScheduler(**SCHEDULE).save_pretrained(tmp / "source_model" / "scheduler")
-
-    family = DiTFamily(model, None, dict(DDPMScheduler(**SCHEDULE).config))
+    save_source_model(model, tmp / "source_model")
+    family = source_family(model)
     grid_labels = torch.arange(procedural.NUM_CLASSES).repeat_interleave(8)
     save_grid(sample_images(family, grid_labels, seed=args.seed + 1), tmp / "source_samples.png", columns=8)
     info["fid"] = sanity_fids(net, family, args.seed, args.num_fid)
@@ -115,105 +116,13 @@ def main() -> None:
 
 
 # --- the source model ---------------------------------------------------------------------------------------------
-def train_source_model(
-    seed: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    on_log: Callable[[int, torch.nn.Module], None] | None = None,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 500,
-) -> tuple[DiTTransformer2DModel, float]:
-    """DiT's objective on fresh SOURCE images every step; returns the EMA weights (decay 0.999) and the training
-    seconds. `on_log(step, ema)` runs at every log line; `checkpoint` (if given) is written every
-    `checkpoint_every` steps and resumed from, so a killed run on a busy machine loses little."""
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**SOURCE_DIT).train()
-    dit_initialise(model)
-    for module in model.modules():
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0  # diffusers drops labels with torch.rand; we drop them below, seeded
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = NoiseSchedule(DDPMScheduler(**SCHEDULE).betas.numpy())
-    generator = torch.Generator().manual_seed(seed)
-    run_key = json.dumps([seed, steps, batch_size, lr, SOURCE_DIT])
-    first_step, seconds, running = 0, 0.0, 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["run_key"] == run_key:  # a checkpoint of other settings is ignored (and later overwritten)
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            first_step, seconds, running = state["step"], state["seconds"], state["running"]
-            print(f"source model resumed at step {first_step} from {checkpoint}", flush=True)
-    warmup, start = 200, time.time() - seconds
-    for step in range(first_step, steps):
+def source_draw(batch_size: int) -> Draw:
+    def draw(step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # Procedural data is unlimited: a fresh batch per step means the model cannot memorise its training set.
         images, labels = procedural.make_images("source", batch_size, seed=1_000_000 + step, size=IMAGE_SIZE)
-        x0 = nhwc_to_nchw(images).float() / 127.5 - 1.0
-        labels = torch.from_numpy(labels)
-        dropped = torch.rand(batch_size, generator=generator) < 0.1
-        labels = torch.where(dropped, procedural.NUM_CLASSES, labels)
-        t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        x_t = schedule.add_noise(x0, noise, t)
-        output = model(x_t, timestep=t, class_labels=labels).sample
-        loss = diffusion_loss(output, x0, x_t, noise, t, schedule).mean()
-        # Linear warm-up, then cosine decay to 10%: a short run still ends on a low, stable learning rate.
-        progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))  # short warm-up so early EMA is not the random init
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            print(f"source model step {step + 1}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
-            if on_log is not None:
-                on_log(step + 1, ema)
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            state = dict(
-                run_key=run_key,
-                step=step + 1,
-                seconds=time.time() - start,
-                running=running,
-                model=model.state_dict(),
-                ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(),
-                generator=generator.get_state(),
-            )
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)  # never a half-written checkpoint
-    return ema, time.time() - start
+        return nhwc_to_nchw(images).float() / 127.5 - 1.0, torch.from_numpy(labels)
 
-
-def dit_initialise(model: DiTTransformer2DModel) -> None:
-    """DiT's own initialisation, which diffusers does not apply: xavier linears, small embeddings, and zeroed
-    adaLN modulations and output layers (adaLN-Zero: every block starts as the identity). Trains much faster."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.xavier_uniform_(module.weight)
-            torch.nn.init.zeros_(module.bias)
-    patch = model.pos_embed.proj
-    torch.nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
-    torch.nn.init.zeros_(patch.bias)
-    for block in model.transformer_blocks:
-        embedder = block.norm1.emb
-        torch.nn.init.normal_(embedder.class_embedder.embedding_table.weight, std=0.02)
-        torch.nn.init.normal_(embedder.timestep_embedder.linear_1.weight, std=0.02)
-        torch.nn.init.normal_(embedder.timestep_embedder.linear_2.weight, std=0.02)
-        torch.nn.init.zeros_(block.norm1.linear.weight)
-        torch.nn.init.zeros_(block.norm1.linear.bias)
-    for layer in (model.proj_out_1, model.proj_out_2):
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
+    return draw
 
 
 def progress_grids(folder: str | None) -> Callable[[int, torch.nn.Module], None] | None:
@@ -223,29 +132,11 @@ def progress_grids(folder: str | None) -> Callable[[int, torch.nn.Module], None]
 
     def on_log(step: int, ema: torch.nn.Module) -> None:
         if step % 1000 == 0:
-            family = DiTFamily(ema, None, dict(DDPMScheduler(**SCHEDULE).config))
+            family = source_family(ema)
             labels = torch.arange(procedural.NUM_CLASSES).repeat_interleave(8)
             save_grid(sample_images(family, labels, seed=1), Path(folder) / f"step_{step:06d}.png", columns=8)
 
     return on_log
-
-
-def sample_images(family: DiTFamily, labels: torch.Tensor, seed: int, num_steps: int = 50) -> np.ndarray:
-    """DDIM samples (class-conditional, no guidance) as uint8 [N, H, W, 3]."""
-    generator = torch.Generator().manual_seed(seed)
-    chunks = []
-    for chunk in labels.split(250):
-        x = family.sample(family.denoiser, chunk, num_steps=num_steps, generator=generator)
-        chunks.append(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
-    return np.concatenate(chunks)
-
-
-def save_grid(images: np.ndarray, path: Path, columns: int, scale: int = 4) -> None:
-    rows = len(images) // columns
-    size = images.shape[1]
-    grid = images[: rows * columns].reshape(rows, columns, size, size, 3).transpose(0, 2, 1, 3, 4)
-    grid = grid.reshape(rows * size, columns * size, 3)
-    Image.fromarray(grid).resize((columns * size * scale, rows * size * scale), Image.NEAREST).save(path)
 
 
 # --- the feature net ----------------------------------------------------------------------------------------------

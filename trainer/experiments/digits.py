@@ -52,10 +52,12 @@ class Plan:
     overrides: list[str] = field(default_factory=list)  # key=value for every job (e.g. eval.num_samples=100)
     source_model: str = str(ASSETS / "source_model")
     classifier: str = str(ASSETS / "classifier.pt")
+    preset: str = PRESET
+    class_offset: int = digits.TARGET_DIGITS[0]  # the classifier's id of target class 0
 
 
 def job_config(keys: tuple[str, ...], plan: Plan, *overrides: str):
-    return load_config(PRESET, [f"model.pretrained={plan.source_model}", *plan.overrides, *overrides], keys)
+    return load_config(plan.preset, [f"model.pretrained={plan.source_model}", *plan.overrides, *overrides], keys)
 
 
 def prepare(plan: Plan, name: str, images: np.ndarray, labels: np.ndarray) -> str:
@@ -75,11 +77,14 @@ def samples_of(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_scores(net, images: torch.Tensor, classes: torch.Tensor, train_images: torch.Tensor) -> dict:
-    """The classifier's accuracy on samples of target class k (digit 5 + k), and the mean distance from each
-    sample to its nearest training image (pixels in [0, 1], RMS): small values mean copies of the few images."""
+def sample_scores(
+    net, images: torch.Tensor, classes: torch.Tensor, train_images: torch.Tensor, class_offset: int
+) -> dict:
+    """The classifier's accuracy on samples of target class k (its class `class_offset` + k: digit 5 + k), and the
+    mean distance from each sample to its nearest training image (pixels in [0, 1], RMS): small values mean copies
+    of the few images."""
     logits, _ = net.heads(images)
-    accuracy = float((logits.argmax(1) == classes + digits.TARGET_DIGITS[0]).float().mean())
+    accuracy = float((logits.argmax(1) == classes + class_offset).float().mean())
     a, b = images.flatten(1).float() / 255, train_images.flatten(1).float() / 255
     nearest = torch.cdist(a, b).min(1).values / a.shape[1] ** 0.5
     return {"accuracy": accuracy, "nn_distance": float(nearest.mean())}
@@ -94,7 +99,7 @@ def sample_metrics(plan: Plan, model: str, out: Path, reference: str, net, train
     for name, row in results["results"].items():
         images, classes = samples_of(out / name)
         rows[name] = {**{k: row[k] for k in ("handover", "fid", "kid", "precision", "recall")},
-                      **sample_scores(net, images, classes, train_images)}  # fmt: skip
+                      **sample_scores(net, images, classes, train_images, plan.class_offset)}  # fmt: skip
     return rows
 
 

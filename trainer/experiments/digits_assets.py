@@ -14,23 +14,27 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
-from diffusers.models.embeddings import LabelEmbedding
 
 from data import digits
-from models.dit import DiTFamily
 from models.feature_net import FeatureNet, nhwc_to_nchw, save_feature_net
-from trainer.experiments.demo_assets import SCHEDULE, dit_initialise, sample_images, save_grid
-from trainer.loss import NoiseSchedule, diffusion_loss
+from trainer.experiments.shipped_models import (
+    Draw,
+    SourceRecipe,
+    fit_classifier,
+    sample_images,
+    save_grid,
+    save_source_model,
+    shifted,
+    source_family,
+    train_source_model,
+)
 
 SOURCE_DIT = dict(
     num_attention_heads=4,
@@ -45,52 +49,16 @@ SOURCE_DIT = dict(
 )
 
 
-def shifted(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image moved by up to one pixel (zero-filled): cheap augmentation for 450-900 training images."""
-    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), value=float(images.min()))
-    dx, dy = torch.randint(0, 3, (2, len(images)), generator=generator)
-    size = images.shape[-1]
-    return torch.stack([p[:, y : y + size, x : x + size] for p, x, y in zip(padded, dx.tolist(), dy.tolist())])
-
-
-def train_source_model(seed: int, steps: int, batch_size: int, lr: float) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
+def source_draw(batch_size: int) -> Draw:
     images, labels = digits.split(digits.SOURCE_DIGITS, "pool")
     x_all = nhwc_to_nchw(images).float() / 127.5 - 1.0
     y_all = torch.from_numpy(labels)
-    model = DiTTransformer2DModel(**SOURCE_DIT).train()
-    dit_initialise(model)
-    for module in model.modules():
-        if isinstance(module, LabelEmbedding):
-            module.dropout_prob = 0.0  # labels are dropped below, seeded
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = NoiseSchedule(DDPMScheduler(**SCHEDULE).betas.numpy())
-    generator = torch.Generator().manual_seed(seed)
-    null, warmup, start, running = len(digits.SOURCE_DIGITS), 100, time.time(), 0.0
-    for step in range(steps):
+
+    def draw(step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, len(x_all), (batch_size,), generator=generator)
-        x0 = shifted(x_all[index], generator)
-        y = torch.where(torch.rand(batch_size, generator=generator) < 0.1, null, y_all[index])
-        t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        x_t = schedule.add_noise(x0, noise, t)
-        loss = diffusion_loss(model(x_t, timestep=t, class_labels=y).sample, x0, x_t, noise, t, schedule).mean()
-        progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
-        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % 250 == 0:
-            print(f"source model step {step + 1}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
-    return ema
+        return shifted(x_all[index], generator), y_all[index]
+
+    return draw
 
 
 def train_classifier(seed: int, steps: int, batch_size: int = 128) -> FeatureNet:
@@ -99,21 +67,7 @@ def train_classifier(seed: int, steps: int, batch_size: int = 128) -> FeatureNet
     images, labels = digits.split(every, "pool")
     x_all, y_all = nhwc_to_nchw(images), torch.from_numpy(labels)
     net = FeatureNet(num_classes=len(every), num_attributes=1)  # the attribute head is unused here
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        index = torch.randint(0, len(x_all), (batch_size,), generator=generator)
-        batch = shifted(x_all[index].float(), generator).round().to(torch.uint8)
-        logits, _ = net.heads(batch)
-        loss = torch.nn.functional.cross_entropy(logits, y_all[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % 100 == 0:
-            print(f"classifier step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
-    return net.eval().requires_grad_(False)
+    return fit_classifier(net, x_all, y_all, steps, batch_size, seed)
 
 
 @torch.no_grad()
@@ -153,14 +107,14 @@ def main() -> None:
     save_feature_net(net, tmp / "classifier.pt")
 
     start = time.time()
-    model = train_source_model(args.seed, args.steps, args.batch_size, args.lr)
+    recipe = SourceRecipe(SOURCE_DIT, args.seed, args.steps, args.batch_size, args.lr, warmup=100)
+    model, _ = train_source_model(recipe, source_draw(args.batch_size))
     info["source_model"] = {
         "config": SOURCE_DIT, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "seconds": round(time.time() - start, 1), "parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
-    model.save_pretrained(tmp / "source_model" / "transformer")
-    DDPMScheduler(**SCHEDULE).save_pretrained(tmp / "source_model" / "scheduler")
-    family = DiTFamily(model, None, dict(DDPMScheduler(**SCHEDULE).config))
+    save_source_model(model, tmp / "source_model")
+    family = source_family(model)
     grid_labels = torch.arange(len(digits.SOURCE_DIGITS)).repeat_interleave(10)
     samples = sample_images(family, grid_labels, seed=args.seed + 1)
     save_grid(samples, tmp / "source_samples.png", columns=10, scale=6)
