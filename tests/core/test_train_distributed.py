@@ -34,6 +34,12 @@ def exported(run_dir, which: str) -> dict[str, torch.Tensor]:
     return DiTTransformer2DModel.from_pretrained(run_dir / "export" / which / "transformer").state_dict()
 
 
+# Attention's key bias has a gradient of exactly zero (a softmax is invariant to adding q.b to every score of a
+# query), so what it gets is rounding noise that Adam scales to lr-sized steps: it differs between two reduction
+# orders by design and changes no output. The losses, which it cannot affect, are compared instead.
+NOISE_ONLY = ".to_k.bias"
+
+
 def assert_same_run(a, b, steps=None, rtol=1e-5):
     la, lb = read_metrics(a), read_metrics(b)
     if steps is not None:
@@ -43,7 +49,7 @@ def assert_same_run(a, b, steps=None, rtol=1e-5):
     for which in ("raw", "ema"):
         wa, wb = exported(a, which), exported(b, which)
         assert wa.keys() == wb.keys()
-        for key in wa:
+        for key in (k for k in wa if not k.endswith(NOISE_ONLY)):
             torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=1e-7, msg=f"{which}: {key}")
 
 
@@ -80,7 +86,7 @@ PLAN = ("train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=6"
 @pytest.fixture(scope="module")
 def straight(tiny, tmp_path_factory):
     """`straight(ranks, zero_stage)`: the uninterrupted run of PLAN, made once. ZeRO-0 and ZeRO-2 agree to rounding
-    on one rank, ZeRO-3 does not (attention's key bias gets a gradient of rounding noise, which Adam scales up)."""
+    on one rank, ZeRO-3 does not (see NOISE_ONLY: its reduction order differs)."""
     runs = {}
 
     def run(ranks: int, zero_stage: int) -> Path:
