@@ -25,6 +25,7 @@ FAMILIES: dict[str, FamilyEntry] = {
     "dit_edm": FamilyEntry("models.dit_edm", "DiTEDMFamily", "edm", "dit"),
     "dit_flow": FamilyEntry("models.dit_flow", "DiTFlowFamily", "flow", "dit"),
     "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm", "sd_controlnet"),
+    "sd3": FamilyEntry("models.sd3", "SD3Family", "flow", "sd3"),
 }
 
 

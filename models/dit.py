@@ -305,6 +305,10 @@ class DiTFamily:
         if self.original_timestep_frequencies:
             record_original_frequencies(directory / "transformer")
 
+    def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
+        """Nothing beyond peft's files: DiTPipeline has no LoRA loader (peft's `inject_adapter_in_model` and
+        `set_peft_model_state_dict` apply the adapter to the transformer)."""
+
 
 def record_original_frequencies(transformer_folder: Path) -> None:
     """Marks an exported transformer as computing DiT's own timestep frequencies (this family re-applies them)."""

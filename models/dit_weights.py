@@ -38,8 +38,9 @@ class WeightSource:
         self.files.close()
 
 
-def open_weights(path: Path, num_attention_heads: int) -> WeightSource:
-    """The weights of `path`: an original DiT `.pt` file, or a diffusers transformer folder."""
+def open_weights(path: Path, num_attention_heads: int, model_class: type = DiTTransformer2DModel) -> WeightSource:
+    """The weights of `path`: an original DiT `.pt` file, or a diffusers folder of `model_class` (DiT's transformer,
+    or another family's, e.g. SD3's)."""
     if path.is_file():
         state = load_original_state_dict(path, mmap=True)
         config = infer_original_dit_config(state, num_attention_heads, source=str(path))
@@ -47,7 +48,7 @@ def open_weights(path: Path, num_attention_heads: int) -> WeightSource:
         return WeightSource(config, list(plan), lambda name: read_planned(state, plan[name]), original=True)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: is model.pretrained a diffusers DiT folder?")
-    config = dict(DiTTransformer2DModel.load_config(path))
+    config = dict(model_class.load_config(path))
     files = ExitStack()
     readers: dict[str, Callable[[str], torch.Tensor]] = {}
     if (path / SHARD_INDEX).is_file():
@@ -56,7 +57,7 @@ def open_weights(path: Path, num_attention_heads: int) -> WeightSource:
         shard_files = [name for name in WEIGHT_FILES if (path / name).is_file()][:1]
     if not shard_files:
         raise FileNotFoundError(
-            f"{path} has no {' or '.join(WEIGHT_FILES)}: is model.pretrained a diffusers DiT folder?"
+            f"{path} has no {' or '.join(WEIGHT_FILES)}: is model.pretrained a diffusers {model_class.__name__} folder?"
         )
     for name in shard_files:
         if name.endswith(".safetensors"):
@@ -132,7 +133,7 @@ def stream_into(
     if missing or unexpected:
         raise ValueError(
             f"the pre-trained weights do not fit {type(model).__name__} "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}): is model.pretrained a DiT?"
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}): is model.pretrained a folder of this family?"
         )
     with torch.no_grad():
         for name, parameter in parameters.items():

@@ -104,6 +104,10 @@ class ModelFamily(Protocol):
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """Writes a folder that the family's library loads (diffusers) and `from_pretrained` loads back."""
 
+    def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
+        """Writes a PEFT adapter (peft's parameter names) where its pipeline's LoRA loader reads it (SD3:
+        `load_lora_weights`), beside peft's own files; a family whose pipeline has no LoRA loader writes nothing."""
+
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor (a plan's mask, row indices) on `device` without the host waiting: on CUDA copied from pinned

@@ -27,7 +27,7 @@ from models.annotators import synthetic_controls
 from models.family import combined_sha256, to_device
 from models.noise.ddpm import DDPMProcess
 from models.samplers import DDPM_SAMPLERS, ddpm_sampler
-from models.vae import Generators, vae_downsampling, vae_encode
+from models.vae import Generators, vae_decode, vae_downsampling, vae_encode
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # ControlNet's, and the paper's bank prompt
 PREVIEW_GUIDANCE = 7.5  # SD's usual classifier-free guidance, for the human-facing preview grids only
@@ -310,8 +310,7 @@ class SDControlNetFamily:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents (scaled by the VAE's scaling factor) to pixels in [-1, 1]."""
-        latents = latents.to(self.vae.device, self.vae.dtype)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return vae_decode(self.vae, latents)
 
     def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
         """Default-prompt samples for fixed synthetic controls, each shown beside its control (for the grids
@@ -328,6 +327,9 @@ class SDControlNetFamily:
         """The ControlNet alone, as a diffusers folder: `ControlNetModel.from_pretrained(directory)` loads it and
         `StableDiffusionControlNetPipeline` runs it with the SD parts of model.pretrained."""
         self.denoiser_from_state_dict(state_dict).save_pretrained(Path(directory))
+
+    def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
+        """Nothing beyond peft's files: diffusers' ControlNet pipelines load no LoRA into the ControlNet."""
 
 
 def control_tensor(controls: torch.Tensor) -> torch.Tensor:

@@ -286,5 +286,7 @@ def export(family, engine, ema: ShardedEMA, run_dir: Path, rank: int, class_name
     for which, state, writer in (("ema", ema_state, 0), ("raw", raw, raw_rank)):
         if rank == writer:
             family.export(tuning.merged_state_dict(state), run_dir / "export" / which, class_names)
-            save_adapter(tuning, state, run_dir / "export" / f"{which}_adapter")
+            adapter = save_adapter(tuning, state, run_dir / "export" / f"{which}_adapter")
+            if adapter:  # also in the format the family's pipeline loads, where it has one
+                family.export_adapter(adapter, run_dir / "export" / f"{which}_adapter")
     distributed.barrier()  # waits for the writers, for up to train.collective_timeout_minutes

@@ -80,16 +80,18 @@ def describe(method: TuningMethod, denoiser: torch.nn.Module) -> str:
     )
 
 
-def save_adapter(method: TuningMethod, denoiser_state: dict[str, torch.Tensor], directory: Path) -> bool:
-    """Writes the adapter alone (safetensors + its config) to `directory`; False when there is none."""
+def save_adapter(
+    method: TuningMethod, denoiser_state: dict[str, torch.Tensor], directory: Path
+) -> dict[str, torch.Tensor]:
+    """Writes the adapter alone (safetensors + its config) to `directory` and returns it; {} when there is none."""
     adapter = method.adapter_state_dict(denoiser_state)
     if not adapter:
-        return False
+        return {}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, directory / ADAPTER_WEIGHTS)
     method.write_adapter_config(directory)
-    return True
+    return adapter
 
 
 def write_tuning_config(directory: Path, config: dict) -> None:

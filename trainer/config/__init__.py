@@ -33,6 +33,7 @@ from trainer.config.schema import (  # noqa: F401 (the schema is part of this mo
     PeftConfig,
     PrepareConfig,
     RunConfig,
+    SD3ModelConfig,
     SDControlNetModelConfig,
     TrainConfig,
 )
@@ -102,8 +103,9 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
 def check_family_section(model: ModelConfig) -> None:
     """A setting in the section of a family other than model.family would be ignored: refuse it."""
     own = family_entry(model.family).settings
-    for section, schema in (("dit", DiTModelConfig), ("sd_controlnet", SDControlNetModelConfig)):
-        default = asdict(schema())
+    sections = {entry.settings for entry in FAMILIES.values() if entry.settings}
+    for section in sorted(sections):
+        default = asdict(type(getattr(model, section))())
         changed = [k for k, v in asdict(getattr(model, section)).items() if _plain(v) != _plain(default[k])]
         if section != own and changed:
             raise ConfigError(

@@ -29,6 +29,15 @@ class SDControlNetModelConfig:
 
 
 @dataclass
+class SD3ModelConfig:
+    """model.sd3: what the Stable Diffusion 3 family reads (model.pretrained: a StableDiffusion3Pipeline folder)."""
+
+    null_prompt: str = ""  # the null condition (bank slots, dropout) and the unconditional branch of guidance
+    max_sequence_length: int = 256  # T5 tokens per prompt (SD3's pipeline default; 77 CLIP tokens come first)
+    t5: bool = True  # false: no T5 encoder (zeros in its place, as SD3's pipeline runs without text_encoder_3)
+
+
+@dataclass
 class ModelConfig:
     family: str = "dit"  # a key of models.FAMILIES; it reads its own section below (models.FAMILIES[...].settings)
     pretrained: str = ""  # local diffusers folder, or an original DiT `.pt` state dict
@@ -38,6 +47,7 @@ class ModelConfig:
     ema_from: str | None = None  # a model folder whose weights start the EMA (continual stages carry it on)
     dit: DiTModelConfig = field(default_factory=DiTModelConfig)
     sd_controlnet: SDControlNetModelConfig = field(default_factory=SDControlNetModelConfig)
+    sd3: SD3ModelConfig = field(default_factory=SD3ModelConfig)
 
 
 # Keys that moved into a family's own section: an old config naming them gets the new name in its error.
@@ -155,9 +165,8 @@ class BankConfig:
     num_steps: int = 250  # DDIM steps (paper: DDIM-250)
     guidance_scale: float = 1.5  # classifier-free guidance (paper: 1.5)
     seed: int = 0
-    prompts: list[str] = field(
-        default_factory=list
-    )  # sd_controlnet: drawn per sample; empty: model.sd_controlnet.default_prompt
+    # drawn per sample (sd_controlnet; sd3: class prompts); empty: the family's null prompt
+    prompts: list[str] = field(default_factory=list)
     preview: int = 16  # decoded samples in a preview grid for a human; 0 for none
 
 
@@ -169,7 +178,7 @@ class PrepareConfig:
     resolution: int = 256  # centre-crop and resize, as DiT does
     samples_per_shard: int = 1000
     batch_size: int = 32
-    hflip: bool = True  # also store each image's flipped version, for flip augmentation (not for sd_controlnet)
+    hflip: bool = True  # also store each image's flipped version, for flip augmentation (not for prompted families)
     seed: int = 0
     background: str = "white"  # transparent pixels are composited onto it: a colour name, "#RRGGBB" or "R,G,B"
 

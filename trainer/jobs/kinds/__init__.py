@@ -2,8 +2,9 @@
 
 A family names its kind (`data_kind`, a key of `DATA_KINDS`): DiT and its EDM and flow variants take class-labelled
 image folders and generate class-conditional banks ("labels"); SD + ControlNet takes (image, caption, control)
-triples and generates free samples with annotated controls ("controlnet"). A new kind (text-to-image captions, say)
-is one module here and one entry in `DATA_KINDS`; the prepare and bank jobs do not change.
+triples and generates free samples with annotated controls ("controlnet"); SD3 takes (image, caption) pairs, caches
+the captions' embeddings and generates banks for the null prompt ("text"). A new kind is one module here and one
+entry in `DATA_KINDS`; the prepare and bank jobs do not change.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class DataKind(Protocol):
 DATA_KINDS: dict[str, str] = {
     "labels": "trainer.jobs.kinds.labels",
     "controlnet": "trainer.jobs.kinds.controlnet",
+    "text": "trainer.jobs.kinds.text",
 }
 
 
