@@ -26,6 +26,7 @@ FAMILIES: dict[str, FamilyEntry] = {
     "dit_flow": FamilyEntry("models.dit_flow", "DiTFlowFamily", "flow", "dit"),
     "sd_controlnet": FamilyEntry("models.sd_controlnet", "SDControlNetFamily", "ddpm", "sd_controlnet"),
     "sd3": FamilyEntry("models.sd3", "SD3Family", "flow", "sd3"),
+    "flux": FamilyEntry("models.flux", "FluxFamily", "flow", "flux"),
 }
 
 

@@ -52,6 +52,14 @@ class SD3Family:
     name = "sd3"
     data_kind = "text"  # how its data is prepared and its bank generated (trainer/jobs/kinds/)
     condition_fields = ("prompt_embeds", "pooled_embeds")  # the shard fields `condition` reads
+    # What another text-to-image flow transformer (Flux, `models/flux.py`) sets to reuse all of this family:
+    pipeline_class = StableDiffusion3Pipeline
+    transformer_class = SD3Transformer2DModel
+    parts, t5_parts = PARTS, T5_PARTS  # the folders a pretrained folder must hold (T5's unless t5=false)
+    t5_optional = True  # SD3's pipeline runs without T5 (model.sd3.t5=false)
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")  # T5 last
+    title = "Stable Diffusion 3"
+    own_settings: tuple[str, ...] = ()  # settings of a subclass's config section beyond null_prompt, length and t5
 
     def __init__(
         self,
@@ -66,8 +74,7 @@ class SD3Family:
     ):
         self.transformer, self.vae = transformer, vae.eval().requires_grad_(False)
         self.folder, self.process = Path(folder), process
-        self.scheduler_config = {**_read_json(self.folder / "scheduler" / "scheduler_config.json"),
-                                 "shift": process.time.shift}  # fmt: skip
+        self.scheduler_config = self.sampling_config(_read_json(self.folder / "scheduler" / "scheduler_config.json"))
         self.null_prompt, self.max_sequence_length, self.t5 = null_prompt, max_sequence_length, t5
         self._encoder: StableDiffusion3Pipeline | None = None  # the text encoders, loaded when first needed
         self._fixed: dict[str, TextCondition] = {}  # the null and empty prompts, encoded once
@@ -84,41 +91,56 @@ class SD3Family:
         noise: object | None = None,
         build_context: Callable[[], AbstractContextManager] = nullcontext,
         load_parameter: Callable[[torch.nn.Parameter, torch.Tensor], None] = copy_into_parameter,
-        **_: Any,
+        **settings: Any,
     ) -> SD3Family:
         """`model.sd3`'s settings and the flow settings of `noise:`; the transformer is built empty under
-        `build_context()` (deepspeed.zero.Init under ZeRO-3) and filled one tensor at a time."""
+        `build_context()` (deepspeed.zero.Init under ZeRO-3) and filled one tensor at a time. Other settings are
+        the trainer's common ones (ignored) or a subclass's own (passed to its constructor)."""
+        settings = {key: settings[key] for key in cls.own_settings if key in settings}
         if num_classes:
-            raise ValueError(f"model.num_classes={num_classes}: sd3 is conditioned on prompts, not classes; leave it 0")
+            raise ValueError(
+                f"model.num_classes={num_classes}: {cls.name} is conditioned on prompts, not classes; leave it 0"
+            )
         path = Path(pretrained)
         if not path.is_dir():
             raise FileNotFoundError(
-                f"model.pretrained={pretrained} does not exist: point it to a local Stable Diffusion 3 folder in "
-                f"diffusers layout ({', '.join(p + '/' for p in PARTS + T5_PARTS)})"
+                f"model.pretrained={pretrained} does not exist: point it to a local {cls.title} folder in diffusers "
+                f"layout ({', '.join(p + '/' for p in cls.parts + cls.t5_parts)})"
             )
-        missing = [part for part in PARTS + (T5_PARTS if t5 else ()) if not (path / part).is_dir()]
+        missing = [part for part in cls.parts + (cls.t5_parts if t5 else ()) if not (path / part).is_dir()]
         if missing:
             hint = (
-                "; without T5, set model.sd3.t5=false (SD3 then sees zeros for T5's tokens)"
-                if set(missing) <= set(T5_PARTS)
-                else ": is it a folder saved by StableDiffusion3Pipeline.save_pretrained?"
+                f"; without T5, set model.{cls.name}.t5=false (the transformer then sees zeros for T5's tokens)"
+                if set(missing) <= set(cls.t5_parts) and cls.t5_optional
+                else f": is it a folder saved by {cls.pipeline_class.__name__}.save_pretrained?"
             )
             raise FileNotFoundError(f"model.pretrained={pretrained} has no {', '.join(p + '/' for p in missing)}{hint}")
         if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"model.sd3.max_sequence_length={max_sequence_length} must be in 1..512 (SD3: 256)")
-        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
-        recorded = _read_json(path / NOISE_PROCESS_FILE)  # an export of ours; else SD3's logit-normal (0, 1)
-        process = FlowMatchingProcess.from_settings(noise, {"shift": scheduler.get("shift", 1.0), **recorded})
-        source = open_weights(path / "transformer", 0, SD3Transformer2DModel)
+            raise ValueError(f"model.{cls.name}.max_sequence_length={max_sequence_length} must be in 1..512")
+        source = open_weights(path / "transformer", 0, cls.transformer_class)
         try:
             with build_context():
-                transformer = SD3Transformer2DModel.from_config(source.config)
+                transformer = cls.transformer_class.from_config(source.config)
             stream_into(transformer, source, load_parameter)
         finally:
             source.close()
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        recorded = _read_json(path / NOISE_PROCESS_FILE)  # an export of ours records the distribution of t
         vae = AutoencoderKL.from_pretrained(path / "vae")
+        defaults = cls.default_time(scheduler, transformer, vae, settings)
+        process = FlowMatchingProcess.from_settings(noise, {**defaults, **recorded})
         return cls(transformer, vae, path, process, null_prompt=null_prompt,
-                   max_sequence_length=max_sequence_length, t5=t5)  # fmt: skip
+                   max_sequence_length=max_sequence_length, t5=t5, **settings)  # fmt: skip
+
+    @staticmethod
+    def default_time(scheduler_config: dict, transformer: torch.nn.Module, vae: AutoencoderKL, settings: dict) -> dict:
+        """The training distribution of t where neither the folder nor `noise:` sets it: SD3's logit-normal (0, 1)
+        shifted by its scheduler's shift (3.0)."""
+        return {"shift": scheduler_config.get("shift", 1.0)}
+
+    def sampling_config(self, folder_config: dict) -> dict:
+        """The sampler's scheduler config: the folder's, shifted as the model trains (SD3: a fixed shift)."""
+        return {**folder_config, "shift": self.process.time.shift}
 
     # --- what the trainer needs -------------------------------------------------------------------
     @property
@@ -173,8 +195,8 @@ class SD3Family:
         for block in self.transformer.transformer_blocks:
             block.compile(**options)
 
-    def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> SD3Transformer2DModel:
-        model = SD3Transformer2DModel.from_config(self.transformer.config)
+    def denoiser_from_state_dict(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = self.transformer_class.from_config(self.transformer.config)
         model.load_state_dict(state_dict)
         return model.eval()
 
@@ -183,8 +205,8 @@ class SD3Family:
         """A pipeline of the frozen text encoders and tokenizers (and the transformer, whose config sizes T5's
         zeros without T5), on the VAE's device and dtype; loaded once."""
         if self._encoder is None:
-            parts = {name: None for name in T5_PARTS}
-            self._encoder = StableDiffusion3Pipeline.from_pretrained(
+            parts = {name: None for name in self.t5_parts}
+            self._encoder = self.pipeline_class.from_pretrained(
                 self.folder, transformer=self.transformer, vae=None, **({} if self.t5 else parts)
             )
             for module in self.text_modules():
@@ -193,14 +215,13 @@ class SD3Family:
 
     def text_modules(self) -> list[torch.nn.Module]:
         encoder = self.text_encoders()
-        names = ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if self.t5 else ())
+        names = self.text_encoder_names if self.t5 else self.text_encoder_names[:-1]
         return [getattr(encoder, name) for name in names]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextCondition:
         """The prompts' embeddings as SD3's pipeline computes them (float32, on the text encoders' device)."""
-        encoder = self.text_encoders()
-        embeds, _, pooled, _ = encoder.encode_prompt(
+        embeds, _, pooled, _ = self.text_encoders().encode_prompt(
             prompts, None, None, device=self.vae.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
@@ -273,7 +294,7 @@ class SD3Family:
         decoded to pixels in [-1, 1] if `decode`, else model-space latents. `denoiser` None: the pre-trained
         transformer."""
         scheduler = self.sampling_scheduler()
-        scheduler.set_timesteps(num_steps)
+        self.set_timesteps(scheduler, num_steps)
         device = self.vae.device
         if noise is None:
             noise = torch.randn((len(condition.prompt_embeds), *self.sample_shape), generator=generator)
@@ -282,6 +303,9 @@ class SD3Family:
         for t in scheduler.timesteps:
             x = scheduler.step(self.guided_epsilon(denoiser, x, t, condition, guidance_scale), t, x).prev_sample
         return self.decode(x) if decode else x
+
+    def set_timesteps(self, scheduler, num_steps: int) -> None:
+        scheduler.set_timesteps(num_steps)
 
     def preview(self, denoiser: torch.nn.Module, num_images: int, num_steps: int, seed: int = 0) -> torch.Tensor:
         """Samples of the null prompt (what the bank retains), for the grids logged during training."""
@@ -297,7 +321,11 @@ class SD3Family:
         of t), which `from_pretrained` reads back."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        parts = [p for p in PARTS + T5_PARTS if p not in ("transformer", "scheduler") and (self.folder / p).is_dir()]
+        parts = [
+            p
+            for p in self.parts + self.t5_parts
+            if p not in ("transformer", "scheduler") and (self.folder / p).is_dir()
+        ]
         for part in parts:
             shutil.copytree(self.folder / part, directory / part, dirs_exist_ok=True)
         shutil.copy2(self.folder / "model_index.json", directory / "model_index.json")
@@ -309,7 +337,7 @@ class SD3Family:
         """A LoRA adapter (peft's names) as diffusers' LoRA file, which `StableDiffusion3Pipeline.load_lora_weights`
         loads onto the pre-trained transformer; peft's adapter_config.json beside it gives the rank and alpha."""
         metadata = _read_json(Path(directory) / "adapter_config.json") or None
-        StableDiffusion3Pipeline.save_lora_weights(
+        self.pipeline_class.save_lora_weights(
             Path(directory), transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata
         )
 

@@ -1,6 +1,6 @@
-"""The SD3 jobs end to end: captioned images prepared into latents and cached prompt embeddings, the bank of the
-pre-trained model's own samples (the same on 1 and 2 ranks, each sample a pure function of its index), and training
-with Diff-Tuning on flow time that resumes on 2 ranks where 1 rank stopped, as if it had not stopped."""
+"""The SD3 and Flux jobs end to end: captioned images prepared into latents and cached prompt embeddings, the bank
+of the pre-trained model's own samples (the same on 1 and 2 ranks, each sample a pure function of its index), and
+training with Diff-Tuning on flow time that resumes on 2 ranks where 1 rank stopped, as if it had not stopped."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file
 
 from data.shards import ShardDataset
 from models.sd3 import SD3Family
 from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, run_here
 from tests.core.test_host_reads import quiet_steps
 from tests.tiny_sd import no_leaked_shm  # noqa: F401
-from tests.tiny_sd3 import MAX_SEQUENCE_LENGTH, tiny_sd3  # noqa: F401
+from tests.tiny_sd3 import MAX_SEQUENCE_LENGTH, tiny_flux, tiny_sd3  # noqa: F401
 from trainer.jobs.kinds.shared import sample_start
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_shm")]  # real processes
@@ -124,3 +125,29 @@ def test_training_resumed_on_two_ranks_continues_the_one_rank_run(sd3_data, tiny
         steps = quiet_steps(resumed, rank)
         assert [s["step"] for s in steps] == [3] and steps[0]["by_origin"].get("project", 0) == 0
     assert (straight / "export" / "ema" / "model_index.json").is_file()
+
+
+def test_flux_jobs_prepare_generate_and_train_resumed_on_two_ranks(tiny_flux, tmp_path):  # noqa: F811
+    """Flux through the same jobs: prepare and a bank (guidance input 3.5) on one rank, training (LoRA, ZeRO-2)
+    resumed on 2 ranks from 1 rank's step-2 checkpoint ends as the 1-rank run; the LoRA file loads in FluxPipeline."""
+    args = lambda *more: ["--config", "tiny_flux_cpu", f"model.pretrained={tiny_flux['pretrained']}", *more]  # noqa: E731
+    target, bank = tmp_path / "target", tmp_path / "bank"
+    for script, more in (("prepare_data.py", [f"prepare.images={tiny_flux['images']}", f"data.target={target}"]),
+                         ("generate_bank.py", [f"data.bank={bank}"])):  # fmt: skip
+        proc = run_here(script, args(*more))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_all(bank)[0]["x"].shape == read_all(target)[0]["x"].shape == (4, 8, 8)
+    common = [f"data.target={target}", f"data.bank={bank}", "train.zero_stage=2", "method.peft=lora", "run.log_every=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_ok(run_entry("train.py", args(*common, f"run.dir={straight}")))
+    copy_as_stopped_after(straight, resumed, 2)
+    assert_ok(run_entry("train.py", [*args(*common, f"run.dir={resumed}"), "--resume"], num_procs=2))
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [2, 4]
+    np.testing.assert_allclose([m["loss/total"] for m in a], [m["loss/total"] for m in b], rtol=1e-5)
+    lora = [
+        load_file(run / "export" / "ema_adapter" / "pytorch_lora_weights.safetensors") for run in (straight, resumed)
+    ]
+    assert lora[0].keys() == lora[1].keys() and all(k.startswith("transformer.") for k in lora[0])
+    for key in lora[0]:
+        torch.testing.assert_close(lora[0][key], lora[1][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -26,6 +26,7 @@ from trainer.config.schema import (  # noqa: F401 (the schema is part of this mo
     DebugConfig,
     DiTModelConfig,
     EvalConfig,
+    FluxModelConfig,
     MethodConfig,
     ModelConfig,
     NoiseConfig,

@@ -38,6 +38,16 @@ class SD3ModelConfig:
 
 
 @dataclass
+class FluxModelConfig:
+    """model.flux: what the Flux family reads (model.pretrained: a FluxPipeline folder)."""
+
+    null_prompt: str = ""  # the null condition (bank slots, dropout)
+    max_sequence_length: int = 512  # T5 tokens per prompt (FLUX.1-dev's pipeline default)
+    guidance: float = 1.0  # the guidance input a guidance-distilled transformer (FLUX.1-dev) trains with
+    resolution: int | None = None  # training image side in pixels (sets the latents and the shift); None: the VAE's
+
+
+@dataclass
 class ModelConfig:
     family: str = "dit"  # a key of models.FAMILIES; it reads its own section below (models.FAMILIES[...].settings)
     pretrained: str = ""  # local diffusers folder, or an original DiT `.pt` state dict
@@ -48,6 +58,7 @@ class ModelConfig:
     dit: DiTModelConfig = field(default_factory=DiTModelConfig)
     sd_controlnet: SDControlNetModelConfig = field(default_factory=SDControlNetModelConfig)
     sd3: SD3ModelConfig = field(default_factory=SD3ModelConfig)
+    flux: FluxModelConfig = field(default_factory=FluxModelConfig)
 
 
 # Keys that moved into a family's own section: an old config naming them gets the new name in its error.
