@@ -139,6 +139,9 @@ def _normalised(w: np.ndarray) -> np.ndarray:
     return w / total if total > 0 else np.zeros_like(w)
 
 
+BANK_LEVELS = ("xi", "target")  # method.bank_levels
+
+
 def num_bank_slots(global_batch_size: int, bank_ratio: float, rounding: str = "round") -> int:
     """Paper: round(B*r); released code: int(B*r)."""
     exact = global_batch_size * bank_ratio
@@ -155,7 +158,7 @@ class StepPlan:
     index: np.ndarray  # sample index within its source
     t: np.ndarray  # noise level: the diffusion timestep (int64), or sigma (float64) of a continuous process
     noise_seed: np.ndarray  # seeds the slot's Gaussian noise
-    null_condition: np.ndarray  # bank slots always, target slots when their condition is dropped
+    null_condition: np.ndarray  # bank slots (but under prior preservation), target slots when their condition drops
     flip: np.ndarray  # horizontal flip, used where the sample stores a flipped view (`x_flip`)
 
     @property
@@ -190,9 +193,17 @@ class GlobalBatchPlanner:
         seed: int,
         bank_rounding: str = "round",
         retention_name: str = "bank",
+        bank_null_condition: bool = True,
+        bank_levels: str = "xi",
     ):
         """`num_bank`, `bank_ratio`: the size of the data set the retention slots read and their share of the batch;
-        `retention_name` names them (`bank`, or `kd` whose slots re-read the target set with their own permutation)."""
+        `retention_name` names them (`bank`, or `kd` whose slots re-read the target set with their own permutation).
+        Diff-Tuning's bank slots take the null condition and levels ~ p xi (the defaults); DreamBooth's prior
+        preservation keeps each bank sample's own condition (`bank_null_condition=False`) and draws its levels as
+        the target slots do (`bank_levels="target"`)."""
+        if bank_levels not in BANK_LEVELS:
+            raise ValueError(f"bank_levels={bank_levels!r} is not one of {BANK_LEVELS}")
+        self.bank_null_condition, self.bank_levels_as_target = bank_null_condition, bank_levels == "target"
         self.global_batch_size = global_batch_size
         self.retention_name = retention_name
         self.num_bank_slots = num_bank_slots(global_batch_size, bank_ratio, bank_rounding)
@@ -207,7 +218,7 @@ class GlobalBatchPlanner:
         ):
             if slots and not self.source_sizes[source]:
                 raise ValueError(f"the plan needs {slots} {name} slots per step but the {name} set is empty")
-            if slots and split.total_weight(source == BANK) == 0:
+            if slots and split.total_weight(source == BANK and not self.bank_levels_as_target) == 0:
                 raise ValueError(f"the {name} timestep distribution is zero everywhere ({split})")
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
@@ -249,10 +260,12 @@ class GlobalBatchPlanner:
         index[~is_bank] = self._sample_indices(TARGET, step * n_target + slots[~is_bank] - n_bank)
         draws = slot_draws(self.seed, step, slots, 4)
         u = uniform(draws[:, _T])
-        bank_levels, target_levels = self.split.levels(u[is_bank], True), self.split.levels(u[~is_bank], False)
+        bank_levels = self.split.levels(u[is_bank], not self.bank_levels_as_target)
+        target_levels = self.split.levels(u[~is_bank], False)
         t = np.empty(len(slots), dtype=np.result_type(bank_levels, target_levels))  # int64 t, or float64 sigma
         t[is_bank], t[~is_bank] = bank_levels, target_levels
-        null_condition = is_bank | (uniform(draws[:, _DROPOUT]) < self.label_dropout)
+        # Target slots drop their condition at the dropout rate; bank slots never (they keep it, or never have it).
+        null_condition = np.where(is_bank, self.bank_null_condition, uniform(draws[:, _DROPOUT]) < self.label_dropout)
         flip = uniform(draws[:, _FLIP]) < 0.5
         noise_seed = (draws[:, _NOISE] >> np.uint64(1)).astype(np.int64)  # 63 bits: a non-negative torch seed
         return StepPlan(step, slots, source, index, t, noise_seed, null_condition, flip)

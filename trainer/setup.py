@@ -109,7 +109,8 @@ def build_planner(cfg: Config, family, sources: dict[int, ShardDataset]) -> Glob
         num_bank=len(sources[RETENTION]) if RETENTION in sources else 0, bank_ratio=cfg.method.bank_ratio,
         bank_rounding=cfg.method.bank_count, label_dropout=cfg.method.label_dropout, seed=cfg.train.seed,
         split=family.noise_process.split(cfg.method),
-        retention_name=cfg.method.retention,
+        retention_name=cfg.method.retention, bank_null_condition=cfg.method.bank_condition == "null",
+        bank_levels=cfg.method.bank_levels,
     )  # fmt: skip
 
 

@@ -220,3 +220,38 @@ def test_noise_seeds_are_distinct_non_negative_and_flips_fair():
     assert seeds.min() >= 0 and len(np.unique(seeds)) == len(seeds)
     flips = np.concatenate([pl.flip for pl in plans])
     assert 0.45 < flips.mean() < 0.55
+
+
+def test_prior_preservation_keeps_the_bank_condition_and_draws_bank_levels_as_the_target():
+    """DreamBooth's baseline (method.bank_condition=own, bank_levels=target): bank slots are never null and their
+    levels come from the target's distribution (here tau=0: uniform); target slots keep their dropout rate; the
+    slots themselves (sources, indices, noise) are Diff-Tuning's, and any subset of slots plans as the whole."""
+    split = TimestepSplit(tau=0.0)  # fine-tuning's uniform t for the target, as DreamBooth trains
+    prior = planner(split=split, bank_null_condition=False, bank_levels="target")
+    plans = [prior.plan(step) for step in range(300)]
+    assert not any(pl.null_condition[pl.is_bank].any() for pl in plans)
+    dropped = np.concatenate([pl.null_condition[~pl.is_bank] for pl in plans])
+    assert 0.08 < dropped.mean() < 0.12
+    bank_t = np.concatenate([pl.t[pl.is_bank] for pl in plans])  # 4,800 draws, uniform over 1000 timesteps
+    assert chisquare(np.bincount(bank_t // 100, minlength=10)).pvalue > 1e-3
+    with pytest.raises(ValueError, match="timestep distribution is zero everywhere"):
+        planner(split=split)  # Diff-Tuning's xi = 1 - psi is 0 at tau = 0: no bank levels to draw
+    for step in (0, 7):
+        a, b = prior.plan(step), planner(split=TimestepSplit(), bank_null_condition=False, bank_levels="target")
+        for field in ("source", "index", "noise_seed", "flip"):
+            assert np.array_equal(getattr(a, field), getattr(b.plan(step), field)), field
+        assert np.array_equal(prior.plan(step, np.array([20, 3, 9])).t, a.t[[20, 3, 9]])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.bank_levels=psi"], r"method.bank_levels='psi' is not one of \('xi', 'target'\)"),
+        (["method.retention=kd", "method.bank_condition=own"], "shape the slots of a bank, but method.retention=kd"),
+        (["model.num_classes=4", "model.class_init=fresh", "method.bank_condition=own"],
+         "the bank's labels are pre-trained class ids"),
+    ],
+)  # fmt: skip
+def test_bad_prior_preservation_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", ["model.pretrained=x", *overrides])

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data.images import parse_background
-from models import FAMILIES, family_entry
+from models import FAMILIES, family_class, family_entry
 from models.noise import noise_process_class
 from models.tuning import TUNING_METHODS
 from trainer.config.schema import (  # noqa: F401 (the schema is part of this module's interface)
@@ -92,6 +92,8 @@ CHOICES = {
     "data.format": ("wds", "mds"),
     "method.bank_count": ("round", "floor"),
     "method.timestep_weights": ("complement", "mirrored", "logsnr"),
+    "method.bank_condition": ("null", "own"),
+    "method.bank_levels": ("xi", "target"),
     "train.precision": ("fp32", "bf16"),
 }
 
@@ -182,8 +184,28 @@ def check_config(cfg: Config) -> None:
             f"prepare.background: {err}; e.g. prepare.background=white or prepare.background=0,0,0"
         ) from None
     check_retention(cfg)
+    check_prior_preservation(cfg)
     if cfg.eval.every and cfg.model.family != "sd_controlnet":
         raise ConfigError(f"eval.every={cfg.eval.every}: convergence tracking is for model.family=sd_controlnet")
+
+
+def check_prior_preservation(cfg: Config) -> None:
+    """method.bank_condition=own / bank_levels=target (DreamBooth's prior preservation) replay a bank's samples."""
+    m = cfg.method
+    if (m.bank_condition, m.bank_levels) == ("null", "xi"):
+        return
+    if m.retention != "bank":
+        raise ConfigError(
+            f"method.bank_condition={m.bank_condition} and method.bank_levels={m.bank_levels} shape the slots of a "
+            f"bank, but method.retention={m.retention} distils on the target set: set method.retention=bank"
+        )
+    labels = family_class(cfg.model.family).condition_fields == ("label",)
+    if m.bank_condition == "own" and labels and cfg.model.num_classes and cfg.model.class_init != "grow":
+        raise ConfigError(
+            f"method.bank_condition=own: the bank's labels are pre-trained class ids, which model.num_classes="
+            f"{cfg.model.num_classes} with model.class_init={cfg.model.class_init} replaces; keep them with "
+            "model.class_init=grow (or model.num_classes=0), or set method.bank_condition=null"
+        )
 
 
 # The noise settings that define the training distribution of the levels (sigma_data only preconditions).
@@ -199,6 +221,7 @@ def plan_settings(cfg: Config) -> dict:
         "method.timestep_weights": m.timestep_weights, "method.bank_tau": m.bank_tau,
         "method.label_dropout": m.label_dropout, "method.logsnr_center": m.logsnr_center,
         "method.logsnr_width": m.logsnr_width, "method.bank_max_t": m.bank_max_t,
+        "method.bank_condition": m.bank_condition, "method.bank_levels": m.bank_levels,
         **{f"noise.{key}": getattr(cfg.noise, key) for key in PLAN_NOISE_SETTINGS},
     }  # fmt: skip
 

@@ -113,6 +113,10 @@ class MethodConfig:
     logsnr_width: float = 1.0
     bank_max_t: int | None = None
     label_dropout: float = 0.1  # condition dropout on target slots, for classifier-free guidance
+    # DreamBooth's prior preservation, a baseline to compare with (README): bank slots keep the condition their sample
+    # was generated for (own; Diff-Tuning: null) and draw their levels as target slots do (target; Diff-Tuning: xi)
+    bank_condition: str = "null"  # null | own
+    bank_levels: str = "xi"  # xi | target
     peft: str = "full"  # which parameters train: full | bitfit | difffit | lora (settings in the peft: section)
     # Timestep re-weighting of the epsilon-MSE on top of the split, for both sources (trainer/loss.py)
     # none | min_snr: min(SNR, gamma) / SNR (Min-SNR's epsilon form) | min_snr_released: min(gamma, SNR) (the
