@@ -305,6 +305,9 @@ class DiTFamily:
         if self.original_timestep_frequencies:
             record_original_frequencies(directory / "transformer")
 
+    def check_data(self, sample: dict, meta: dict, key: str) -> None:
+        """Nothing beyond 'x': the label space is checked against the data's classes by the trainer."""
+
     def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
         """Nothing beyond peft's files: DiTPipeline has no LoRA loader (peft's `inject_adapter_in_model` and
         `set_peft_model_state_dict` apply the adapter to the transformer)."""

@@ -104,6 +104,11 @@ class ModelFamily(Protocol):
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """Writes a folder that the family's library loads (diffusers) and `from_pretrained` loads back."""
 
+    def check_data(self, sample: dict, meta: dict, key: str) -> None:
+        """Raises ValueError naming `key` when a data set (its first `sample` and its manifest's `meta`) does not
+        fit this family beyond the shape of 'x', which the trainer checks itself (e.g. cached prompt embeddings of
+        another text encoder setting)."""
+
     def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
         """Writes a PEFT adapter (peft's parameter names) where its pipeline's LoRA loader reads it (SD3:
         `load_lora_weights`), beside peft's own files; a family whose pipeline has no LoRA loader writes nothing."""

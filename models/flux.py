@@ -8,11 +8,13 @@ What differs:
 - the transformer takes 2x2 patches of the latents packed into tokens, with position ids, and a timestep in (0, 1);
   the shards hold unpacked latents (C, H, W) like every family's, `predict` packs and unpacks them;
 - FLUX.1-dev is guidance-distilled: classifier-free guidance is an input (`guidance`), not a second pass. Training
-  feeds the fixed `model.flux.guidance` (1.0 by default); sampling (the bank, previews) feeds its guidance scale,
-  one forward a step. A transformer without the guidance input (FLUX.1-schnell) is guided by a second pass against
-  the empty prompt, as SD3;
+  feeds the fixed `model.flux.guidance` (3.5 by default, as diffusers' Flux DreamBooth script); sampling (the bank,
+  previews) feeds its guidance scale, one forward a step: generate the bank at bank.guidance_scale =
+  model.flux.guidance, so that bank slots retain what the model does at the guidance it trains with. A transformer
+  without the guidance input (FLUX.1-schnell) is guided by a second pass against the empty prompt, as SD3;
 - the shift of t depends on the image's token count (diffusers' `calculate_shift` over the scheduler's base and
-  max shifts): training draws logit-normal t shifted by it, and sampling uses the same shift.
+  max shifts, for model.flux.resolution): training draws logit-normal t shifted by it, and every sampler uses that
+  same shift.
 """
 
 from __future__ import annotations
@@ -41,10 +43,18 @@ class FluxFamily(SD3Family):
     title = "Flux"
     own_settings = ("guidance", "resolution")
 
-    def __init__(self, *args, guidance: float = 1.0, resolution: int | None = None, **kwargs):
+    def __init__(self, *args, guidance: float = 3.5, resolution: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.guidance = float(guidance)
         self.resolution = resolution or self.vae.config.sample_size
+        patch = 2 * self.latent_downsampling  # a token is 2x2 latent pixels
+        if self.resolution % patch:
+            fits = patch * max(1, self.resolution // patch)
+            raise ValueError(
+                f"model.flux.resolution={self.resolution}: Flux packs 2x2 latent pixels of a "
+                f"{self.latent_downsampling}x VAE into a token, so the side must be a multiple of {patch} (e.g. {fits})"
+            )
+        self._position_ids: dict[tuple, torch.Tensor] = {}  # the image tokens' ids per (size, device, dtype)
 
     @staticmethod
     def default_time(scheduler_config: dict, transformer: torch.nn.Module, vae, settings: dict) -> dict:
@@ -53,8 +63,13 @@ class FluxFamily(SD3Family):
         return {"shift": float(np.exp(image_mu(scheduler_config, (side // 2) ** 2)))}
 
     def sampling_config(self, folder_config: dict) -> dict:
-        """The folder's scheduler (Flux's shifts its times by exp(mu) per image size, `set_timesteps`)."""
-        return dict(folder_config)
+        """The folder's scheduler with the training shift fixed: FLUX.1's exp(mu) of the training size (or the
+        noise.shift set), which its time shift with sigma 1 equals, so every sampler (the evaluation's DPM-Solver++
+        too) samples at the shift the model trains at. The export keeps the folder's own, dynamic scheduler."""
+        return {**folder_config, "use_dynamic_shifting": False, "shift": self.process.time.shift}
+
+    def export_scheduler_config(self) -> dict:
+        return dict(self.folder_scheduler_config)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -62,6 +77,11 @@ class FluxFamily(SD3Family):
         C is the transformer's input width over the 2x2 packing."""
         side = self.resolution // self.latent_downsampling
         return (self.transformer.config.in_channels // 4, side, side)
+
+    def embedding_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prompt_embeds, pooled_embeds) shapes of one prompt: T5's tokens, CLIP-L's pooled output."""
+        config = self.transformer.config
+        return (self.max_sequence_length, config.joint_attention_dim), (config.pooled_projection_dim,)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextCondition:
@@ -75,7 +95,7 @@ class FluxFamily(SD3Family):
         """The velocity (B, C, H, W) at flow timestep t (1000 times flow time), in x_t's dtype."""
         batch, channels, height, width = x_t.shape
         tokens = FluxPipeline._pack_latents(x_t, batch, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
+        image_ids = self.position_ids(height, width, x_t.device, x_t.dtype)
         text_ids = torch.zeros((condition.prompt_embeds.shape[1], 3), device=x_t.device, dtype=x_t.dtype)
         guidance = None
         if denoiser_config(denoiser).get("guidance_embeds"):
@@ -87,6 +107,14 @@ class FluxFamily(SD3Family):
             return_dict=False,
         )[0]  # fmt: skip
         return FluxPipeline._unpack_latents(velocity, height, width, 1)
+
+    def position_ids(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """FluxPipeline's ids of the image tokens, made once per size and device: diffusers builds them on the host
+        and copies them over, which would make every step wait for the device."""
+        key = (height, width, str(device), dtype)
+        if key not in self._position_ids:
+            self._position_ids[key] = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+        return self._position_ids[key]
 
     def guided_epsilon(
         self,
@@ -109,13 +137,13 @@ class FluxFamily(SD3Family):
             self.guidance = trained
 
     def set_timesteps(self, scheduler, num_steps: int) -> None:
-        """FluxPipeline's grid: sigmas from 1 to 1/N, shifted by exp(mu) of the image's token count."""
-        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        if scheduler.config.get("use_dynamic_shifting"):
-            tokens = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-            scheduler.set_timesteps(sigmas=sigmas, mu=image_mu(self.scheduler_config, tokens))
-        else:
-            scheduler.set_timesteps(sigmas=sigmas)
+        """FluxPipeline's grid: sigmas from 1 to 1/N, shifted (by the training shift, `sampling_config`)."""
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each double-stream and each single-stream block in place."""
+        for block in [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]:
+            block.compile(**options)
 
     def export(self, state_dict: dict[str, torch.Tensor], directory: Path, class_names: list[str] | None = None):
         """A FluxPipeline folder (see `SD3Family.export`)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -42,9 +43,9 @@ NOISE_PROCESS_FILE = "noise_process.json"  # an export's record of the training 
 
 @dataclass
 class TextCondition:
-    """What `predict` takes: the joint prompt embeddings (CLIP's 77 tokens, then T5's) and the pooled CLIP ones."""
+    """What `predict` takes: the prompt's per-token embeddings and the pooled ones."""
 
-    prompt_embeds: torch.Tensor  # (B, 77 + max_sequence_length, joint_attention_dim)
+    prompt_embeds: torch.Tensor  # (B, tokens, joint_attention_dim): SD3's 77 CLIP + T5's, Flux's T5 only
     pooled_embeds: torch.Tensor  # (B, pooled_projection_dim)
 
 
@@ -74,7 +75,8 @@ class SD3Family:
     ):
         self.transformer, self.vae = transformer, vae.eval().requires_grad_(False)
         self.folder, self.process = Path(folder), process
-        self.scheduler_config = self.sampling_config(_read_json(self.folder / "scheduler" / "scheduler_config.json"))
+        self.folder_scheduler_config = _read_json(self.folder / "scheduler" / "scheduler_config.json")
+        self.scheduler_config = self.sampling_config(self.folder_scheduler_config)
         self.null_prompt, self.max_sequence_length, self.t5 = null_prompt, max_sequence_length, t5
         self._encoder: StableDiffusion3Pipeline | None = None  # the text encoders, loaded when first needed
         self._fixed: dict[str, TextCondition] = {}  # the null and empty prompts, encoded once
@@ -142,6 +144,10 @@ class SD3Family:
         """The sampler's scheduler config: the folder's, shifted as the model trains (SD3: a fixed shift)."""
         return {**folder_config, "shift": self.process.time.shift}
 
+    def export_scheduler_config(self) -> dict:
+        """The scheduler an export carries: the sampler's (SD3: the training shift)."""
+        return dict(self.scheduler_config)
+
     # --- what the trainer needs -------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -181,14 +187,14 @@ class SD3Family:
         return [p for p in denoiser.parameters() if p.requires_grad]
 
     def place_frozen(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        """Moves the VAE (and the text encoders, if loaded) to the training device, in the training precision, and
-        embeds the null prompt there: the steps then run no text encoder."""
+        """Moves the VAE to the training device, in the training precision, and embeds the null and empty prompts
+        there (then frees the text encoders: a training step runs none; prepare and the bank load them again)."""
         self.vae.to(device, dtype)
         if self._encoder is not None:
             for module in self.text_modules():
-                module.to(device, dtype)
-        self._fixed.clear()  # re-encoded where (and in the precision that) the encoders now are
-        self.fixed_condition("null")
+                module.to(device)  # float32 whatever the training precision: the shards' embeddings are
+        self._fixed = {which: self.fixed_condition(which) for which in ("null", "empty")}
+        self._encoder = None
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each joint transformer block in place (parameter names unchanged)."""
@@ -200,17 +206,41 @@ class SD3Family:
         model.load_state_dict(state_dict)
         return model.eval()
 
+    def check_data(self, sample: dict, meta: dict, key: str) -> None:
+        """A data set's cached embeddings must be this family's: the text settings its job recorded (`meta`) and the
+        shapes of a sample's embeddings; otherwise the run would stop at its first step, or train on other prompts'
+        embeddings without a word."""
+        for setting in ("max_sequence_length", "t5"):
+            recorded, ours = meta.get(setting), getattr(self, setting)
+            if recorded is not None and recorded != ours:
+                raise ValueError(
+                    f"{key} was prepared with {setting}={recorded}, but model.{self.name}.{setting}={ours}: prepare "
+                    f"it again, or set model.{self.name}.{setting}={recorded}"
+                )
+        for field, expected in zip(self.condition_fields, self.embedding_shapes()):
+            got = tuple(np.shape(sample[field]))
+            if got != expected:
+                raise ValueError(
+                    f"{key}: the samples' {field} have shape {got} but model.family={self.name} embeds prompts as "
+                    f"{expected}: prepare the data (and the bank) with this model"
+                )
+
+    def embedding_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prompt_embeds, pooled_embeds) shapes of one prompt: SD3's 77 CLIP tokens, then T5's."""
+        config = self.transformer.config
+        return (77 + self.max_sequence_length, config.joint_attention_dim), (config.pooled_projection_dim,)
+
     # --- prompts ----------------------------------------------------------------------------------
     def text_encoders(self) -> StableDiffusion3Pipeline:
         """A pipeline of the frozen text encoders and tokenizers (and the transformer, whose config sizes T5's
-        zeros without T5), on the VAE's device and dtype; loaded once."""
+        zeros without T5), on the VAE's device in float32, as the prompts are cached; loaded when first needed."""
         if self._encoder is None:
             parts = {name: None for name in self.t5_parts}
             self._encoder = self.pipeline_class.from_pretrained(
                 self.folder, transformer=self.transformer, vae=None, **({} if self.t5 else parts)
             )
             for module in self.text_modules():
-                module.eval().requires_grad_(False).to(self.vae.device, self.vae.dtype)
+                module.eval().requires_grad_(False).to(self.vae.device)
         return self._encoder
 
     def text_modules(self) -> list[torch.nn.Module]:
@@ -228,9 +258,12 @@ class SD3Family:
         return TextCondition(embeds.float(), pooled.float())
 
     def fixed_condition(self, which: str) -> TextCondition:
-        """(1, ...) embeddings of the null prompt ("null") or of the empty prompt, guidance's negative ("empty")."""
+        """(1, ...) embeddings of the null prompt ("null") or of the empty prompt, guidance's negative ("empty"),
+        rounded as the shards store embeddings, so that a bank slot's null equals what the bank was made with."""
         if which not in self._fixed:
-            self._fixed[which] = self.encode_prompts([self.null_prompt if which == "null" else ""])
+            prompt = self.null_prompt if which == "null" else ""
+            encoded = self.encode_prompts([prompt])
+            self._fixed[which] = TextCondition(*(as_stored(x) for x in (encoded.prompt_embeds, encoded.pooled_embeds)))
         return self._fixed[which]
 
     # --- model space, sampler and fingerprint ----------------------------------------------------
@@ -330,16 +363,34 @@ class SD3Family:
             shutil.copytree(self.folder / part, directory / part, dirs_exist_ok=True)
         shutil.copy2(self.folder / "model_index.json", directory / "model_index.json")
         self.denoiser_from_state_dict(state_dict).save_pretrained(directory / "transformer")
-        FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config).save_pretrained(directory / "scheduler")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.export_scheduler_config())
+        scheduler.save_pretrained(directory / "scheduler")
         (directory / NOISE_PROCESS_FILE).write_text(json.dumps(self.process.settings(), indent=2))
 
     def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
-        """A LoRA adapter (peft's names) as diffusers' LoRA file, which `StableDiffusion3Pipeline.load_lora_weights`
-        loads onto the pre-trained transformer; peft's adapter_config.json beside it gives the rank and alpha."""
+        """A LoRA adapter (peft's names) as diffusers' LoRA file, which the pipeline's `load_lora_weights` loads
+        onto the pre-trained transformer; peft's adapter_config.json beside it gives the rank and alpha. Other
+        adapters (BitFit, DiffFit) have no such format: nothing is written."""
+        if not any(".lora_" in key for key in adapter):
+            return  # BitFit's or DiffFit's additions: peft's files only, the pipeline's LoRA loader cannot read them
         metadata = _read_json(Path(directory) / "adapter_config.json") or None
         self.pipeline_class.save_lora_weights(
             Path(directory), transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata
         )
+
+
+EMBEDDING_DTYPE = torch.float16  # how the shards store prompt embeddings (trainer/jobs/kinds/text.py)
+
+
+def as_stored(embeddings: torch.Tensor) -> torch.Tensor:
+    """Float32 embeddings rounded through the shards' storage dtype; a value that storage cannot hold is refused."""
+    stored = embeddings.to(EMBEDDING_DTYPE)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"prompt embeddings up to {embeddings.abs().max():.3g} overflow {EMBEDDING_DTYPE} (max 65504): the text "
+            "encoders' outputs cannot be cached as they are"
+        )
+    return stored.float()
 
 
 def _read_json(path: Path) -> dict:

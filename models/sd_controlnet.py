@@ -328,6 +328,9 @@ class SDControlNetFamily:
         `StableDiffusionControlNetPipeline` runs it with the SD parts of model.pretrained."""
         self.denoiser_from_state_dict(state_dict).save_pretrained(Path(directory))
 
+    def check_data(self, sample: dict, meta: dict, key: str) -> None:
+        """Nothing beyond 'x': captions are stored as tokens and encoded by this family's own text encoder."""
+
     def export_adapter(self, adapter: dict[str, torch.Tensor], directory: Path) -> None:
         """Nothing beyond peft's files: diffusers' ControlNet pipelines load no LoRA into the ControlNet."""
 

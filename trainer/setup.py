@@ -204,6 +204,10 @@ def open_sources(
                 f"{key}: the samples' field 'x' has shape {shape} but the model expects "
                 f"{tuple(family.sample_shape)}: prepare the shards with this model's VAE and resolution"
             )
+        try:
+            family.check_data(dataset[0], dataset.manifest.meta, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     classes = sources[TARGET].manifest.meta.get("classes")
     if classes is not None and len(classes) > family.null_condition:
         raise ConfigError(

@@ -13,7 +13,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from data.shards import ShardDataset
-from models.sd3 import SD3Family
+from models.sd3 import SD3Family, TextCondition
 from tests.conftest import assert_ok, copy_as_stopped_after, read_metrics, run_entry, run_here
 from tests.core.test_host_reads import quiet_steps
 from tests.tiny_sd import no_leaked_shm  # noqa: F401
@@ -92,7 +92,8 @@ def test_bank_is_the_same_on_two_ranks_and_a_pure_function_of_the_index(sd3_data
     prompts = ["", "a square"]
     for i in (0, 5):
         which, noise = sample_start(0, i, len(prompts), family.sample_shape)
-        condition = family.encode_prompts([prompts[which]])
+        encoded = family.encode_prompts([prompts[which]])  # as the bank stores and reads them: float16
+        condition = TextCondition(encoded.prompt_embeds.half().float(), encoded.pooled_embeds.half().float())
         x = family.sample(None, condition, num_steps=4, noise=noise[None], decode=False)
         np.testing.assert_allclose(one[i]["x"], x[0].numpy(), rtol=1e-4, atol=1e-5)
         assert one[i]["meta"]["prompt"] == prompts[which]

@@ -38,7 +38,7 @@ def test_missing_parts_and_other_families_settings_are_refused_by_name(tiny_flux
     with pytest.raises(ValueError, match=r"model.num_classes=2: flux is conditioned on prompts"):
         FluxFamily.from_pretrained(str(tiny_flux["pretrained"]), num_classes=2)
     with pytest.raises(ConfigError, match=r"model.flux.guidance is set, but model.family=sd3 reads model.sd3"):
-        load_config("tiny_sd3_cpu", ["model.flux.guidance=3.5"])
+        load_config("tiny_sd3_cpu", ["model.flux.guidance=2.0"])
     with pytest.raises(ConfigError, match=r"model.sd3.t5 is set, but model.family=flux reads model.flux"):
         load_config("tiny_flux_cpu", ["model.sd3.t5=false"])
 
@@ -50,6 +50,9 @@ def test_resolution_sets_the_latents_and_flux_shift(tiny_flux):  # noqa: F811
         assert family.sample_shape == (4, side, side)
         mu = calculate_shift((side // 2) ** 2, 256, 4096, 0.5, 1.15)
         assert family.noise_process.time.shift == pytest.approx(np.exp(mu))
+        assert family.sampling_scheduler().config.shift == pytest.approx(np.exp(mu))  # every sampler's shift
+    with pytest.raises(ValueError, match=r"model.flux.resolution=72: .* must be a multiple of 16 \(e.g. 64\)"):
+        FluxFamily.from_pretrained(str(tiny_flux["pretrained"]), resolution=72, **SETTINGS)
 
 
 def test_sampling_is_flux_pipelines_with_its_guidance_input(family, tiny_flux):  # noqa: F811
@@ -67,7 +70,7 @@ def test_sampling_is_flux_pipelines_with_its_guidance_input(family, tiny_flux): 
     condition = family.encode_prompts(["a square", "the image"])
     guided, plain = family.guided_epsilon(None, x, t, condition, 3.5), family.guided_epsilon(None, x, t, condition, 1.0)
     assert (guided - plain).abs().max() > 1e-6  # the guidance input is used
-    assert family.guidance == 1.0  # and the training value is left as it was
+    assert family.guidance == 3.5  # and the training value is left as it was (FLUX.1's default)
 
 
 def test_slot_losses_are_the_velocity_error(family):

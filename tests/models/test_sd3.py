@@ -17,6 +17,7 @@ from models.sd3 import SD3Family, TextCondition
 from models.tuning import save_adapter, tuning_method
 from tests.tiny_sd3 import MAX_SEQUENCE_LENGTH, tiny_sd3  # noqa: F401
 from trainer.config import ConfigError, load_config
+from trainer.evaluation.evaluate import check_eval_config
 from trainer.loop import slot_losses
 
 SETTINGS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
@@ -69,10 +70,10 @@ def test_condition_takes_cached_embeddings_and_the_null_prompt_where_null(family
     cached = family.encode_prompts(["a red circle", "a blue square on black", "the photo of a circle"])
     fields = {"prompt_embeds": cached.prompt_embeds.half(), "pooled_embeds": cached.pooled_embeds.half()}
     condition = family.condition(fields, torch.tensor([False, True, False]))
-    null = family.encode_prompts([""])  # model.sd3.null_prompt's default: SD3's unconditional prompt
-    for row, expected in ((0, cached.prompt_embeds[0].half().float()), (1, null.prompt_embeds[0])):
-        torch.testing.assert_close(condition.prompt_embeds[row], expected)
-    torch.testing.assert_close(condition.pooled_embeds[1], null.pooled_embeds[0])
+    null = family.encode_prompts([""])  # model.sd3.null_prompt's default: SD3's unconditional prompt, rounded as stored
+    for row, expected in ((0, cached.prompt_embeds[0]), (1, null.prompt_embeds[0])):
+        torch.testing.assert_close(condition.prompt_embeds[row], expected.half().float())
+    torch.testing.assert_close(condition.pooled_embeds[1], null.pooled_embeds[0].half().float())
     torch.testing.assert_close(condition.pooled_embeds[2], cached.pooled_embeds[2].half().float())
 
 
@@ -152,6 +153,22 @@ def test_guided_velocity_is_cfg_against_the_empty_prompt(family):
     t = torch.tensor(600.0)
     guided = family.guided_epsilon(None, x, t, condition, 4.0)
     cond = family.guided_epsilon(None, x, t, condition, 1.0)
-    empty = family.encode_prompts(["", ""])
-    uncond = family.guided_epsilon(None, x, t, TextCondition(empty.prompt_embeds, empty.pooled_embeds), 1.0)
+    empty = family.encode_prompts(["", ""])  # rounded as stored, as the family keeps it
+    rounded = TextCondition(empty.prompt_embeds.half().float(), empty.pooled_embeds.half().float())
+    uncond = family.guided_epsilon(None, x, t, rounded, 1.0)
     torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_data_of_other_text_settings_is_refused_by_name(family):
+    """A data set prepared with other text settings: its recorded settings, or its embeddings' shapes."""
+    sample = {"prompt_embeds": np.zeros((77 + MAX_SEQUENCE_LENGTH, 32)), "pooled_embeds": np.zeros(32)}
+    family.check_data(sample, {"max_sequence_length": MAX_SEQUENCE_LENGTH, "t5": True}, "data.target")
+    with pytest.raises(ValueError, match=r"data.bank was prepared with max_sequence_length=16, but model.sd3.max"):
+        family.check_data(sample, {"max_sequence_length": 16}, "data.bank")
+    with pytest.raises(ValueError, match=r"data.target was prepared with t5=False, but model.sd3.t5=True"):
+        family.check_data(sample, {"t5": False}, "data.target")
+    short = {**sample, "prompt_embeds": np.zeros((80, 32))}
+    with pytest.raises(ValueError, match=r"data.target: the samples' prompt_embeds have shape \(80, 32\) but"):
+        family.check_data(short, {}, "data.target")
+    with pytest.raises(ConfigError, match="the evaluation job does not take text-to-image families yet"):
+        check_eval_config(load_config("tiny_sd3_cpu", ["model.pretrained=x"]))

@@ -43,7 +43,7 @@ class FluxModelConfig:
 
     null_prompt: str = ""  # the null condition (bank slots, dropout)
     max_sequence_length: int = 512  # T5 tokens per prompt (FLUX.1-dev's pipeline default)
-    guidance: float = 1.0  # the guidance input a guidance-distilled transformer (FLUX.1-dev) trains with
+    guidance: float = 3.5  # the guidance input a guidance-distilled transformer (FLUX.1-dev) trains with
     resolution: int | None = None  # training image side in pixels (sets the latents and the shift); None: the VAE's
 
 

@@ -60,6 +60,12 @@ def check_eval_config(cfg: Config) -> None:
     if ev.mode not in MODES:
         raise ConfigError(f"eval.mode={ev.mode!r} is not one of {MODES}")
     family = family_class(cfg.model.family)
+    if family.data_kind == "text":
+        raise ConfigError(
+            f"model.family={cfg.model.family}: the evaluation job does not take text-to-image families yet (its "
+            "samples are drawn for class labels or ControlNet conditions, not for prompts); sample the exported "
+            "pipeline (export/ema) directly"
+        )
     if ev.sampler not in ("", *family.samplers):
         raise ConfigError(
             f"eval.sampler={ev.sampler!r} is not one of model.family={cfg.model.family}'s samplers {family.samplers} "

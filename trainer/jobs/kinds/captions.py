@@ -64,3 +64,20 @@ def write_caption_report(
         lines.append(f"  ... and {len(bad) - MAX_PRINTED} more")
     lines.append(f"  full report: {directory / REPORT_NAME}")
     print("\n".join(lines), flush=True)
+
+
+def usable_entries(listing: CaptionListing, status: list[int]) -> list[dict]:
+    """The entries `entry_status` found usable, in the index's order (their positions are the sample indices)."""
+    entries = [entry for k, entry in enumerate(listing.entries) if status[k] == 0]
+    if not entries:
+        raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.entries)} samples can be read")
+    return entries
+
+
+def unreadable_entries(listing: CaptionListing, status: list[int]) -> list[dict]:
+    """{"path", "error"} of every entry that was skipped, for the report."""
+    return [
+        {"path": entry["image"], "error": entry_problem(listing.root, entry)}
+        for entry, code in zip(listing.entries, status)
+        if code
+    ]

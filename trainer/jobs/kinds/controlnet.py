@@ -22,7 +22,13 @@ from data.shard_jobs import shard_ranges
 from models.annotators import annotate_batch, annotator_for, as_control, to_uint8
 from trainer.config import BankConfig, Config, ConfigError
 from trainer.jobs.kinds import BankRecipe
-from trainer.jobs.kinds.captions import caption_listing_sha256, entry_problem, entry_status, write_caption_report
+from trainer.jobs.kinds.captions import (
+    caption_listing_sha256,
+    entry_status,
+    unreadable_entries,
+    usable_entries,
+    write_caption_report,
+)
 from trainer.jobs.kinds.shared import (
     VIEWS,
     check_resolution,
@@ -100,17 +106,11 @@ def prepare_caption_folder(cfg: Config, rank: int, world: int, device: torch.dev
     }  # fmt: skip
     shard_job = ShardJob(directory, job, "data.target", **shard_job_settings(cfg, rank, world, device))
     family.place_frozen(device)
-    entries = [entry for k, entry in enumerate(listing.entries) if status[k] == 0]
-    if not entries:
-        raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.entries)} samples can be read")
+    entries = usable_entries(listing, status)
     num_shards = len(shard_ranges(len(entries), prepare.samples_per_shard))
 
     def report() -> None:
-        bad = [
-            {"path": e["image"], "error": entry_problem(listing.root, e)}
-            for e, code in zip(listing.entries, status)
-            if code
-        ]
+        bad = unreadable_entries(listing, status)
         annotated = sum(entry["control"] is None for entry in entries)
         write_caption_report(directory, listing, len(entries), bad, num_shards, annotated)
 

@@ -17,10 +17,16 @@ import torch
 from data.images import CaptionListing, list_caption_folder, load_image_and_control, parse_background
 from data.shard_jobs import shard_ranges
 from models.family import state_sha256
-from models.sd3 import TextCondition
+from models.sd3 import TextCondition, as_stored
 from trainer.config import BankConfig, Config, ConfigError
 from trainer.jobs.kinds import BankRecipe
-from trainer.jobs.kinds.captions import caption_listing_sha256, entry_problem, entry_status, write_caption_report
+from trainer.jobs.kinds.captions import (
+    caption_listing_sha256,
+    entry_status,
+    unreadable_entries,
+    usable_entries,
+    write_caption_report,
+)
 from trainer.jobs.kinds.shared import VIEWS, check_resolution, encode, sample_start
 from trainer.jobs.shard_job import ShardJob, shard_job_settings
 from trainer.setup import load_family
@@ -36,6 +42,7 @@ class CaptionedImages:
         return prepare_captioned_images(cfg, rank, world, device)
 
     def bank_recipe(self, cfg: Config, family, device: torch.device) -> BankRecipe:
+        family.denoiser.to(device).eval()
         family.place_frozen(device)
         prompts = list(cfg.bank.prompts) or [family.null_prompt]
         settings = {
@@ -82,17 +89,11 @@ def prepare_captioned_images(cfg: Config, rank: int, world: int, device: torch.d
     }  # fmt: skip
     shard_job = ShardJob(directory, job, "data.target", **shard_job_settings(cfg, rank, world, device))
     family.place_frozen(device)
-    entries = [entry for k, entry in enumerate(listing.entries) if status[k] == 0]
-    if not entries:
-        raise ValueError(f"prepare.images={listing.root}: none of its {len(listing.entries)} samples can be read")
+    entries = usable_entries(listing, status)
     num_shards = len(shard_ranges(len(entries), prepare.samples_per_shard))
 
     def report() -> None:
-        bad = [
-            {"path": e["image"], "error": entry_problem(listing.root, e)}
-            for e, code in zip(listing.entries, status)
-            if code
-        ]
+        bad = unreadable_entries(listing, status)
         write_caption_report(directory, listing, len(entries), bad, num_shards, 0, samples="image-caption")
 
     shard_job.run(
@@ -123,10 +124,14 @@ def captioned_samples(
                    "meta": meta}  # fmt: skip
 
 
-def embeddings(family, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    condition = family.encode_prompts(prompts)
-    as_stored = lambda tensor: tensor.float().cpu().numpy().astype(EMBEDDING_DTYPE)  # noqa: E731
-    return as_stored(condition.prompt_embeds), as_stored(condition.pooled_embeds)
+def embeddings(family, prompts: list[str], chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts' embeddings as the shards store them (float16), encoded `chunk` prompts at a time."""
+    parts = []
+    for first in range(0, len(prompts), chunk):
+        condition = family.encode_prompts(prompts[first : first + chunk])
+        encoded = (condition.prompt_embeds, condition.pooled_embeds)
+        parts.append([as_stored(x).cpu().numpy().astype(EMBEDDING_DTYPE) for x in encoded])
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 # --- the bank -----------------------------------------------------------------------------------------------------
