@@ -268,7 +268,8 @@ def test_every_family_names_a_data_kind_the_jobs_know():
     from trainer.jobs.kinds import DATA_KINDS, data_kind
 
     kinds = {name: family_class(name).data_kind for name in FAMILIES}
-    assert kinds == {"dit": "labels", "dit_edm": "labels", "dit_flow": "labels", "sd_controlnet": "controlnet"}
+    assert kinds == {"dit": "labels", "dit_edm": "labels", "dit_flow": "labels", "sd_controlnet": "controlnet",
+                     "sd3": "text", "flux": "text"}  # fmt: skip
     for name in DATA_KINDS:
         kind = data_kind(name)
         assert kind.name == name and callable(kind.prepare) and callable(kind.bank_recipe)
