@@ -9,7 +9,7 @@ import torch
 from models.dit import DiTFamily
 from models.feature_net import load_feature_net, nhwc_to_nchw
 from trainer.experiments import glyphs_data
-from trainer.experiments.glyphs_assets import GLYPH_DIT, NUM_LATIN, class_accuracy, classifier_splits, source_draw
+from trainer.experiments.glyphs_assets import GLYPH_DIT, NUM_LATIN, SIZE, class_accuracy, classifier_splits, source_draw
 from trainer.experiments.shipped_models import SourceRecipe, train_source_model
 
 ASSETS = glyphs_data.ASSETS
@@ -37,7 +37,7 @@ def test_source_model_loads_as_a_family_and_denoises_its_letters():
     config = {k: family.transformer.config[k] for k in GLYPH_DIT}
     assert config == GLYPH_DIT and family.null_condition == NUM_LATIN
     assert sum(p.numel() for p in family.denoiser.parameters()) == INFO["source_model"]["parameters"]
-    images, labels = glyphs_data.load_glyphs("source")
+    images, labels = glyphs_data.load_glyphs("source", SIZE)
     x0 = nhwc_to_nchw(images[:64]).float() / 127.5 - 1
     generator = torch.Generator().manual_seed(0)
     noise, t = torch.randn(x0.shape, generator=generator), torch.full((64,), 100)

@@ -23,7 +23,7 @@ from models.feature_net import load_feature_net, nhwc_to_nchw
 from trainer.evaluation.evaluate import evaluate
 from trainer.experiments import glyphs_data
 from trainer.experiments.digits import METHODS, Plan, job_config, prepare, sample_metrics
-from trainer.experiments.glyphs_assets import NUM_LATIN
+from trainer.experiments.glyphs_assets import NUM_LATIN, SIZE
 from trainer.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +44,8 @@ def run_gates(plan: Plan, steps: int) -> dict:
     <out>/gates.json) with the numbers they were decided on."""
     started = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
-    held = prepare(plan, "target_heldout", *glyphs_data.load_glyphs("target_heldout"))
-    train_images, train_labels = glyphs_data.load_glyphs("target_train")
+    held = prepare(plan, "target_heldout", *glyphs_data.load_glyphs("target_heldout", SIZE))
+    train_images, train_labels = glyphs_data.load_glyphs("target_train", SIZE)
     target = prepare(plan, "target_train", train_images, train_labels)
     run_dir = plan.out / "runs" / "gate_finetune"
     overrides = [f"data.target={target}", f"run.dir={run_dir}", "train.seed=0", f"train.steps={steps}"]
